@@ -1,0 +1,210 @@
+"""checkpoint dir --ingest--> Zarr store.
+
+Incremental and idempotent: steps already in the store are left alone, new steps are
+appended in step order, and a step older than the newest stored one is refused (the store
+keeps rows in step order; re-ingest into a new store to add it). Every new step is checked
+against the store's tensors from headers alone before a byte is written; a step becomes
+visible only when its commit record is written, after all its data.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from farcast_core.chunks import plan
+from farcast_core.dtypes import DTYPES, widen
+from farcast_core.errors import SequenceMismatchError, StoreError
+from storage.checkpoints import Checkpoint, TensorInfo, discover, open_checkpoint
+from storage.store import RunStore, TensorMeta, array_path
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    # Bounds the memory of one chunk in flight: chunk = budget / (4 B x 64 rows) values,
+    # a power of two between 4 Ki and 4 Mi (512 MiB -> 2 Mi values, 8 MiB per float32 row).
+    memory_budget_mb: int = 512
+    # Torch pickles holding Python objects beyond tensors are refused unless this is set.
+    allow_pickle: bool = False
+    # Threads reading and writing chunks of one step; each owns whole chunks.
+    workers: int = 4
+
+
+@dataclass
+class IngestReport:
+    """What one ingest did."""
+
+    store: str
+    added: list[int] = field(default_factory=list)  # steps committed by this run
+    present: list[int] = field(default_factory=list)  # steps already in the store (no-op)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    tensors: int = 0  # tensors per step
+    bytes_written: int = 0
+    nonfinite: dict[int, list[str]] = field(default_factory=dict)  # step -> tensors with NaN/Inf
+    warnings: list[str] = field(default_factory=list)
+
+
+def ingest(
+    ckpt_dir: str | os.PathLike,
+    store_url: str | os.PathLike,
+    config: IngestConfig = IngestConfig(),
+    on_step: Callable[[int, int, int], None] | None = None,
+) -> IngestReport:
+    """Append the complete checkpoints of ``ckpt_dir`` that the store lacks.
+
+    ``on_step(step, done, total)`` is called after each step is committed.
+    """
+    found = discover(ckpt_dir)
+    root = found.root.resolve()
+    _refuse_store_inside(store_url, root)
+    budget = config.memory_budget_mb * 2**20
+    store = RunStore.open_or_create(
+        store_url, root, found.layout, {"memory_budget_mb": config.memory_budget_mb}
+    )
+    report = IngestReport(store=str(store_url), skipped=[(str(p), why) for p, why in found.skipped])
+    if store.layout != found.layout:
+        raise StoreError(f"{store_url}: was made from a '{store.layout}' layout, {root} is now '{found.layout}'")
+
+    have = set(store.steps)
+    report.present = [c.step for c in found.checkpoints if c.step in have]
+    new = [c for c in found.checkpoints if c.step not in have]
+    if have and new and new[0].step < max(have):
+        older = [c.step for c in new if c.step < max(have)]
+        raise StoreError(
+            f"{root}: step(s) {older} are older than step {max(have)}, the newest in {store_url}; "
+            f"the store keeps steps in order: ingest into a new --store to include them"
+        )
+    if not new:
+        report.tensors = len(store.tensors)
+        return report
+
+    # Plan every new step from its headers before writing anything.
+    infos = [_headers(c, config) for c in new]
+    if not store.tensors:
+        store.define_tensors(_metas(infos[0], budget))
+    expected = store.tensors
+    for c, info in zip(new, infos):
+        _check_same(c, info, expected)
+    report.tensors = len(expected)
+    if not have and new[0].step != 0:
+        report.warnings.append(
+            f"the earliest checkpoint is step {new[0].step}, not 0: it is taken as the initial weights w(s_0)"
+        )
+
+    store.reserve(len(have) + len(new))
+    row = len(have)
+    with ThreadPoolExecutor(max(1, config.workers)) as pool:
+        for i, c in enumerate(new):
+            nonfinite, nbytes = _write_step(c, row, store, config, pool)
+            store.commit({"step": c.step, "sources": [str(f) for f in c.files], "nonfinite": nonfinite})
+            report.added.append(c.step)
+            report.bytes_written += nbytes
+            if nonfinite:
+                report.nonfinite[c.step] = nonfinite
+            row += 1
+            if on_step:
+                on_step(c.step, i + 1, len(new))
+    return report
+
+
+def _refuse_store_inside(store_url, root: Path) -> None:
+    s = str(store_url)
+    if "://" in s and not s.startswith("file://"):
+        return
+    p = Path(s.removeprefix("file://")).resolve()
+    if p == root or root in p.parents:
+        raise StoreError(
+            f"{p}: the store may not be inside the checkpoint directory {root} (the trainer scans and rotates it); "
+            f"pick a --store path outside it"
+        )
+
+
+def _headers(c: Checkpoint, config: IngestConfig) -> dict[str, TensorInfo]:
+    with open_checkpoint(c, config.allow_pickle) as r:
+        return dict(r.tensors)
+
+
+def _metas(info: dict[str, TensorInfo], budget: int) -> list[TensorMeta]:
+    metas = []
+    for name, t in info.items():
+        kind = "float" if DTYPES[t.dtype].is_float else "buffer"
+        metas.append(TensorMeta(name, t.shape, t.dtype, kind, plan(t.numel, budget).chunk, array_path(name)))
+    return metas
+
+
+def _check_same(c: Checkpoint, info: dict[str, TensorInfo], expected: dict[str, TensorMeta]) -> None:
+    missing = sorted(set(expected) - set(info))
+    extra = sorted(set(info) - set(expected))
+    if missing:
+        raise SequenceMismatchError(
+            f"{c.path}: step {c.step} lacks tensor '{missing[0]}'"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + "; every checkpoint of a run must hold the same tensors: move this checkpoint aside or use a new store"
+        )
+    if extra:
+        raise SequenceMismatchError(
+            f"{info[extra[0]].file}: step {c.step} has tensor '{extra[0]}' that earlier steps lack; "
+            "every checkpoint of a run must hold the same tensors: use a new store for the new architecture"
+        )
+    for name, m in expected.items():
+        t = info[name]
+        if t.shape != m.shape or t.dtype != m.dtype:
+            raise SequenceMismatchError(
+                f"{t.file}: tensor '{name}' is {t.dtype}{list(t.shape)} at step {c.step} but "
+                f"{m.dtype}{list(m.shape)} in earlier steps; a run's tensors must keep shape and dtype: "
+                "use a new store for the changed model"
+            )
+
+
+def _nonfinite(values: np.ndarray, dtype: str) -> bool:
+    if values.dtype.kind == "f":
+        return not bool(np.isfinite(values).all())
+    return not bool(torch.isfinite(widen(values, dtype)).all())
+
+
+def _write_step(c: Checkpoint, row: int, store: RunStore, config: IngestConfig, pool) -> tuple[list[str], int]:
+    """Copy one checkpoint into row ``row``, chunk by chunk; returns (tensors with NaN/Inf, bytes)."""
+    metas = list(store.tensors.values())
+    with open_checkpoint(c, config.allow_pickle) as reader:
+
+        def one(job: tuple[TensorMeta, int]) -> tuple[str, bool, int]:
+            m, i = job
+            a, b = m.plan.bounds(i)
+            values = reader.read(m.name, a, b)
+            bad = m.kind == "float" and _nonfinite(values, m.dtype)
+            store.write(m.name, row, a, values)
+            return m.name, bad, values.nbytes
+
+        jobs = [(m, i) for m in metas for i in range(m.plan.n_chunks)]
+        nonfinite, nbytes = set(), 0
+        # DCP readers load whole tensors and keep one: feed them one tensor at a time.
+        results = map(one, jobs) if c.kind == "dcp" else pool.map(one, jobs)
+        for name, bad, n in results:
+            nbytes += n
+            if bad:
+                nonfinite.add(name)
+    return sorted(nonfinite), nbytes
+
+
+def store_summary(store_url: str | os.PathLike) -> dict:
+    """What a store holds, for printing: steps, tensors, forecastable values."""
+    store = RunStore.open(store_url)
+    metas = store.tensors.values()
+    return {
+        "store": str(store_url),
+        "source": store.source,
+        "layout": store.layout,
+        "steps": store.steps,
+        "tensors": len(metas),
+        "float_values": sum(m.numel for m in metas if m.kind == "float"),
+        "config": store.config,
+    }
+
+
+__all__ = ["IngestConfig", "IngestReport", "ingest", "store_summary"]

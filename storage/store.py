@@ -1,0 +1,214 @@
+"""The run store: one Zarr v3 group per training run.
+
+Layout (all metadata is JSON in ``zarr.json`` files, readable without farcast):
+
+    <store>/zarr.json           root attributes:
+        farcast  {"format": 1, "version": ...}
+        source   the checkpoint directory, layout   its layout ("hf", "files", ...)
+        config   the settings that made the store (memory budget, chunk length)
+        tensors  {name: {path, shape, dtype, kind, chunk}}
+        steps    the commit record: [{step, sources, nonfinite}, ...] (row i of every array)
+    <store>/params/<name>/      one array per tensor, shape (rows, numel), chunks (1, chunk),
+                                uncompressed; bf16/fp8 as exact uint16/uint8 bit patterns
+
+A step is visible only once its entry is appended to ``steps``, which is written last and
+atomically (zarr's LocalStore writes a temporary file and renames it). Rows past the
+committed ones are leftovers of an interrupted ingest and are overwritten by the next one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import zarr
+
+from farcast_core.chunks import ChunkPlan
+from farcast_core.dtypes import DTYPES
+from farcast_core.errors import StoreError
+
+FORMAT = 1
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """One tensor as the store records it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # source dtype, canonical name
+    kind: str  # "float" (forecast) or "buffer" (kept, never forecast)
+    chunk: int  # values per chunk along the parameter axis
+    path: str  # array path inside the store
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def plan(self) -> ChunkPlan:
+        return ChunkPlan(self.numel, self.chunk)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TensorMeta":
+        return cls(d["name"], tuple(d["shape"]), d["dtype"], d["kind"], d["chunk"], d["path"])
+
+
+def array_path(name: str) -> str:
+    """A Zarr node path for a tensor name ('/' escaped; Zarr reserves a leading '__')."""
+    p = quote(name, safe=".-_")
+    return "params/" + ("%5F" + p[1:] if p.startswith("__") else p)
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _local_path(url: str) -> Path:
+    return Path(url.removeprefix("file://")).resolve()
+
+
+class RunStore:
+    """A run's Zarr store: the coordinator's handle (metadata) and the workers' (chunk I/O)."""
+
+    def __init__(self, url: str, group: zarr.Group):
+        self.url = url
+        self.group = group
+        self._arrays: dict[str, zarr.Array] = {}
+        self._tensors: dict[str, TensorMeta] | None = None
+
+    # ------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, url: str | os.PathLike) -> "RunStore":
+        """An existing store; StoreError if there is none at ``url``."""
+        url = str(url)
+        if _is_local(url) and not (_local_path(url) / "zarr.json").is_file():
+            raise StoreError(f"{url}: no farcast store here; create one with 'farcast ingest CKPT_DIR --store {url}'")
+        try:
+            group = zarr.open_group(url, mode="r+", zarr_format=3)
+        except Exception as e:
+            raise StoreError(f"{url}: cannot open as a Zarr v3 store ({type(e).__name__}: {e})") from e
+        if "farcast" not in group.attrs:
+            raise StoreError(f"{url}: a Zarr store, but not one farcast wrote; pick another --store path")
+        if group.attrs["farcast"].get("format") != FORMAT:
+            raise StoreError(f"{url}: store format {group.attrs['farcast'].get('format')} is not {FORMAT}; re-ingest into a new store")
+        return cls(url, group)
+
+    @classmethod
+    def open_or_create(cls, url: str | os.PathLike, source: Path, layout: str, config: dict) -> "RunStore":
+        """The store for the run at ``source``, created empty if absent."""
+        url = str(url)
+        exists = (_local_path(url) / "zarr.json").is_file() if _is_local(url) else _remote_exists(url)
+        if exists:
+            store = cls.open(url)
+            if store.source != str(source):
+                raise StoreError(
+                    f"{url}: holds the run from {store.source}, not {source}; use one store per run (another --store path)"
+                )
+            return store
+        if _is_local(url):
+            p = _local_path(url)
+            if p.exists() and any(p.iterdir()):
+                raise StoreError(f"{url}: exists and is not empty; pick an empty or new --store path")
+        group = zarr.open_group(url, mode="w", zarr_format=3)
+        group.attrs.put(
+            {
+                "farcast": {"format": FORMAT, "version": VERSION},
+                "source": str(source),
+                "layout": layout,
+                "config": config,
+                "tensors": {},
+                "steps": [],
+            }
+        )
+        return cls(url, group)
+
+    # ------------------------------------------------------------ metadata (coordinator only)
+
+    @property
+    def source(self) -> str:
+        return self.group.attrs["source"]
+
+    @property
+    def layout(self) -> str:
+        return self.group.attrs["layout"]
+
+    @property
+    def config(self) -> dict:
+        return dict(self.group.attrs["config"])
+
+    @property
+    def step_records(self) -> list[dict]:
+        return list(self.group.attrs["steps"])
+
+    @property
+    def steps(self) -> list[int]:
+        return [r["step"] for r in self.group.attrs["steps"]]
+
+    @property
+    def tensors(self) -> dict[str, TensorMeta]:
+        if self._tensors is None:
+            self._tensors = {n: TensorMeta.from_json(d) for n, d in self.group.attrs["tensors"].items()}
+        return self._tensors
+
+    def define_tensors(self, metas: list[TensorMeta]) -> None:
+        """Create one empty array per tensor (first ingest only), then record the manifest."""
+        if self.steps:
+            raise StoreError(f"{self.url}: tensors are fixed once a step is committed")
+        for m in metas:
+            self.group.create_array(
+                m.path,
+                shape=(0, m.numel),
+                chunks=(1, m.chunk),
+                dtype=DTYPES[m.dtype].storage,
+                fill_value=0,
+                compressors=None,  # weights barely compress (~10% with Zstd); speed wins
+                attributes=asdict(m),
+                overwrite=True,  # leftovers of an interrupted first ingest
+            )
+        self.group.attrs["tensors"] = {m.name: asdict(m) for m in metas}
+        self._arrays, self._tensors = {}, None
+
+    def reserve(self, rows: int) -> None:
+        """Make every array exactly ``rows`` rows long (rows past the committed ones are scratch)."""
+        for m in self.tensors.values():
+            a = self.array(m.name)
+            if a.shape[0] != rows:
+                a.resize((rows, m.numel))
+
+    def commit(self, record: dict) -> None:
+        """Make one more row visible: append its step record (written last, atomically)."""
+        self.group.attrs["steps"] = self.step_records + [record]
+
+    # ------------------------------------------------------------ chunk I/O (safe from workers)
+
+    def array(self, name: str) -> zarr.Array:
+        a = self._arrays.get(name)
+        if a is None:
+            a = self._arrays[name] = self.group[self.tensors[name].path]
+        return a
+
+    def write(self, name: str, row: int, start: int, values: np.ndarray) -> None:
+        """Write values [start, start+len) of one row; callers own whole chunks."""
+        self.array(name)[row, start : start + values.size] = values
+
+    def read(self, name: str, rows: list[int] | slice, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Stored values (rows x [start, stop)) of one tensor; rows must be committed rows."""
+        n = len(self.steps)
+        idx = range(n)[rows] if isinstance(rows, slice) else rows
+        if any(r >= n or r < 0 for r in idx):
+            raise StoreError(f"{self.url}: rows {list(idx)} asked, {n} committed")
+        return self.array(name).get_orthogonal_selection((list(idx), slice(start, stop)))
+
+
+def _remote_exists(url: str) -> bool:
+    try:
+        zarr.open_group(url, mode="r", zarr_format=3)
+        return True
+    except Exception:
+        return False
