@@ -1,0 +1,171 @@
+"""Tiny real training runs, saved by the real libraries in every layout farcast reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def digits_states(steps: int = 12, every: int = 3, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A digits MLP trained for real with Adam: [(step, state_dict)] every ``every`` steps, from 0."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    y = torch.tensor(y)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    out = []
+
+    def snap(step):
+        out.append((step, {k: v.detach().clone().to(dtype) if v.is_floating_point() else v.clone()
+                           for k, v in model.state_dict().items()}))
+
+    snap(0)
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % every == 0:
+            snap(step)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return digits_states()
+
+
+@pytest.fixture
+def safetensors_run(tmp_path, digits):
+    from safetensors.torch import save_file
+
+    d = tmp_path / "run"
+    d.mkdir()
+    for step, sd in digits:
+        save_file(sd, d / f"step_{step:06d}.safetensors")
+    return d
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg)
+
+
+def token_data(n: int = 64, length: int = 16, vocab: int = 64):
+    g = torch.Generator().manual_seed(1)
+    data = []
+    for _ in range(n):
+        start = int(torch.randint(0, vocab, (1,), generator=g))
+        ids = (torch.arange(length) * 3 + start) % vocab  # a learnable pattern
+        data.append({"input_ids": ids, "labels": ids.clone()})
+    return data
+
+
+@pytest.fixture(scope="session")
+def hf_run(tmp_path_factory) -> Path:
+    """A tiny GPT-2 trained with the real Trainer: checkpoint-0 (save_pretrained) + checkpoint-2..8."""
+    from transformers import Trainer, TrainingArguments
+
+    out = tmp_path_factory.mktemp("hf") / "out"
+    model = tiny_gpt2()
+    model.save_pretrained(out / "checkpoint-0")
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=8, save_steps=2, per_device_train_batch_size=8,
+        learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=token_data()).train()
+    return out
+
+
+@pytest.fixture(scope="session")
+def lightning_run(tmp_path_factory, digits) -> Path:
+    """Lightning .ckpt files written by a real Trainer with ModelCheckpoint every 2 steps."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from sklearn.datasets import load_digits
+
+    class Net(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    x, y = load_digits(return_X_y=True)
+    ds = torch.utils.data.TensorDataset(torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y))
+    out = tmp_path_factory.mktemp("lightning") / "ckpts"
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        max_steps=8, callbacks=[ModelCheckpoint(dirpath=out, every_n_train_steps=2, save_top_k=-1, save_last=True)],
+        logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )
+    trainer.fit(Net(), torch.utils.data.DataLoader(ds, batch_size=32))
+    return out
+
+
+def library_state(c) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors as the real library loads them (not through farcast's readers)."""
+    from safetensors.torch import load_file
+
+    if c.kind == "safetensors":
+        sd = {}
+        for f in c.files:
+            sd.update(load_file(f))
+        return sd
+    if c.kind == "torch":
+        sd = {}
+        for f in c.files:
+            obj = torch.load(f, weights_only=False)
+            obj = obj.get("state_dict", obj.get("model", obj))
+            sd.update({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)})
+        return sd
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    import tempfile
+
+    ref = Path(tempfile.mkdtemp()) / "ref.pt"
+    dcp_to_torch_save(c.files[0], ref)
+    return torch.load(ref)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's exact bit pattern (so NaN == NaN and -0.0 != 0.0)."""
+    t = t.contiguous().reshape(-1)
+    return t.view(torch.uint8) if t.dtype != torch.bool else t
+
+
+def store_equals_sources(store, checkpoints) -> None:
+    """Assert every committed row of ``store`` holds exactly the tensors of its checkpoint."""
+    from farcast_core.dtypes import from_storage
+
+    assert store.steps == [c.step for c in checkpoints]
+    for row, c in enumerate(checkpoints):
+        sd = library_state(c)
+        assert set(sd) == set(store.tensors), c.path
+        for name, m in store.tensors.items():
+            got = from_storage(store.read(name, [row])[0], m.dtype).reshape(m.shape)
+            want = sd[name]
+            assert got.dtype == want.dtype and got.shape == want.shape, name
+            assert torch.equal(bits(got), bits(want)), (c.step, name)
