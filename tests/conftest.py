@@ -15,33 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def digits_states(steps: int = 12, every: int = 3, dtype: torch.dtype = torch.float32, seed: int = 0):
     """A digits MLP trained for real with Adam: [(step, state_dict)] every ``every`` steps, from 0."""
-    from sklearn.datasets import load_digits
+    from pipelines.demo import train_digits
 
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x / 16.0, dtype=torch.float32)
-    y = torch.tensor(y)
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
-    )
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    out = []
-
-    def snap(step):
-        out.append((step, {k: v.detach().clone().to(dtype) if v.is_floating_point() else v.clone()
-                           for k, v in model.state_dict().items()}))
-
-    snap(0)
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, len(x), (64,), generator=g)
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % every == 0:
-            snap(step)
-    return out
+    return train_digits(steps=steps, every=every, dtype=dtype, seed=seed)
 
 
 @pytest.fixture(scope="session")
