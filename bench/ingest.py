@@ -13,7 +13,6 @@ and prints ingest / cp, peak RSS, and store size / input size.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -64,16 +63,17 @@ def timed_ingest(src: Path, store: Path, budget_mb: int) -> tuple[float, int]:
     code = (
         "import sys; sys.path.insert(0, %r)\n"
         "from pipelines.ingest import ingest, IngestConfig\n"
-        "ingest(%r, %r, IngestConfig(memory_budget_mb=%d))\n" % (str(REPO), str(src), str(store), budget_mb)
+        "ingest(%r, %r, IngestConfig(memory_budget_mb=%d))\n"
+        # VmHWM of this process's own memory; ru_maxrss from wait4 would include the
+        # benchmark's memory at fork time, which Linux carries across exec
+        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n"
+        % (str(REPO), str(src), str(store), budget_mb)
     )
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    _, status, usage = os.wait4(proc.pid, 0)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     subprocess.run(["sync"], check=True)
     took = time.perf_counter() - t
-    if status != 0:
-        raise SystemExit(f"ingest failed with status {status}")
-    return took, usage.ru_maxrss * 1024
+    return took, int(out.split()[-1]) * 1024
 
 
 def du(p: Path) -> int:
