@@ -20,3 +20,7 @@ class SequenceMismatchError(CheckpointError):
 
 class StoreError(FarcastError, RuntimeError):
     """The Zarr store is missing, belongs to another run, or cannot take the change asked."""
+
+
+class ForecastError(FarcastError, ValueError):
+    """A forecast cannot be made as asked (target too far, too few checkpoints, worse than persistence)."""

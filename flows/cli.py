@@ -59,6 +59,87 @@ def ingest(ckpt_dir, store, memory_budget_mb, allow_pickle, workers, as_json) ->
         click.echo(f"already present: {len(r.present)} step(s)")
 
 
+def _target_options(f):
+    f = click.option("--ratio", type=float, help="Target as a ratio R: step s_0 + R (s_n - s_0).")(f)
+    f = click.option("--target-step", type=int, help="Target global step S (after the newest checkpoint).")(f)
+    return f
+
+
+def _fit_options(f):
+    f = click.option("--seed", default=0, show_default=True, help="Seed of the per-chunk parameter sample.")(f)
+    f = click.option("--sample", default=4096, show_default=True, help="Parameters sampled per chunk to fit it.")(f)
+    f = click.option("--cuts", default=8, show_default=True, help="Calibration cuts (earlier points of the run used as examples).")(f)
+    f = click.option("--features", default="", help="Extra feature times as fractions of the way to the cut, e.g. '0.5,0.8' (default: the paper's w(s_0), w(s_c)).")(f)
+    f = click.option("--lam", default=1.0, show_default=True, help="Weight of the deceleration regulariser.")(f)
+    return f
+
+
+def _fit_config(lam, features, cuts, sample, seed):
+    from farcast_core.forecaster import FitConfig
+
+    extra = tuple(float(x) for x in features.split(",") if x.strip())
+    return FitConfig(lam=lam, extra_features=extra, max_cuts=cuts, sample=sample, seed=seed)
+
+
+def _as_store(path: str, store: str | None) -> str:
+    """A store path for PATH: PATH itself if it is a store, else PATH ingested into a store."""
+    from pathlib import Path
+
+    from pipelines.ingest import default_store, ingest as run_ingest
+
+    if (Path(path) / "zarr.json").is_file():
+        return path
+    store = store or str(default_store(path))
+    r = run_ingest(path, store)
+    if r.added:
+        click.echo(f"ingested {len(r.added)} new step(s) into {store}", err=True)
+    return store
+
+
+@main.command()
+@click.argument("store")
+@_target_options
+@click.option("--out", type=click.Path(dir_okay=False), help="Forecaster file (default: beside the store).")
+@_fit_options
+def fit(store, target_step, ratio, out, lam, features, cuts, sample, seed) -> None:
+    """Fit the forecasters of STORE for a target and save them (A, b per chunk, and the config)."""
+    from pipelines.fit import fit as run_fit
+
+    def progress(done, total):
+        click.echo(f"  fitted {done}/{total} chunks", err=True)
+
+    fc, path, target = run_fit(store, target_step, ratio, _fit_config(lam, features, cuts, sample, seed), out, progress)
+    click.echo(f"fitted {len(fc.keys)} chunk forecasters for step {target} (ratio {fc.rho:.4g}) on steps "
+               f"{fc.steps[0]}..{fc.steps[-1]} -> {path}")
+    if fc.excluded:
+        click.echo(f"warning: not forecast (NaN/Inf seen): {', '.join(fc.excluded)}")
+
+
+@main.command()
+@click.argument("ckpt_dir_or_store")
+@_target_options
+@click.option("--store", help="Store to ingest CKPT_DIR into (default: a per-run store under ~/.cache/farcast).")
+@click.option("--forecaster", type=click.Path(exists=True, dir_okay=False), help="Evaluate a saved forecaster (transfer from another run) instead of fitting.")
+@click.option("--per-tensor", is_flag=True, help="Also print the MAE of every tensor.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_fit_options
+def backtest(ckpt_dir_or_store, target_step, ratio, store, forecaster, per_tensor, as_json, lam, features, cuts, sample, seed) -> None:
+    """Backtest the farcaster against the baselines on a run (a checkpoint dir or a store)."""
+    from pipelines.backtest import backtest as run_backtest, format_table
+    from storage.artifacts import load_forecasters
+
+    store = _as_store(ckpt_dir_or_store, store)
+    fc = load_forecasters(forecaster)[0] if forecaster else None
+    report = run_backtest(store, target_step, ratio, _fit_config(lam, features, cuts, sample, seed), fc)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(format_table(report))
+    if per_tensor:
+        for name, row in report["per_tensor"].items():
+            click.echo(f"  {name:<40} farcast {row['farcast']:.3e}  persistence {row['persistence']:.3e}")
+
+
 @main.command()
 @click.argument("out", default="farcast-demo", type=click.Path(file_okay=False))
 @click.option("--steps", default=60, show_default=True, help="Optimizer steps of the demo training run.")

@@ -192,6 +192,15 @@ def _write_step(c: Checkpoint, row: int, store: RunStore, config: IngestConfig, 
     return sorted(nonfinite), nbytes
 
 
+def default_store(ckpt_dir: str | os.PathLike) -> Path:
+    """A per-run store outside the checkpoint directory: ~/.cache/farcast/stores/<name>-<hash>."""
+    import hashlib
+
+    root = Path(ckpt_dir).resolve()
+    base = Path(os.environ.get("FARCAST_HOME", Path.home() / ".cache" / "farcast"))
+    return base / "stores" / f"{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:10]}"
+
+
 def store_summary(store_url: str | os.PathLike) -> dict:
     """What a store holds, for printing: steps, tensors, forecastable values."""
     store = RunStore.open(store_url)
@@ -207,4 +216,4 @@ def store_summary(store_url: str | os.PathLike) -> dict:
     }
 
 
-__all__ = ["IngestConfig", "IngestReport", "ingest", "store_summary"]
+__all__ = ["IngestConfig", "IngestReport", "default_store", "ingest", "store_summary"]

@@ -197,13 +197,22 @@ class RunStore:
         """Write values [start, start+len) of one row; callers own whole chunks."""
         self.array(name)[row, start : start + values.size] = values
 
-    def read(self, name: str, rows: list[int] | slice, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Stored values (rows x [start, stop)) of one tensor; rows must be committed rows."""
+    def read(
+        self, name: str, rows: list[int] | slice, start: int = 0, stop: int | None = None, cols: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Stored values of one tensor: committed ``rows`` x values [start, stop) (or the ``cols`` positions)."""
         n = len(self.steps)
-        idx = range(n)[rows] if isinstance(rows, slice) else rows
+        idx = list(range(n)[rows]) if isinstance(rows, slice) else list(rows)
         if any(r >= n or r < 0 for r in idx):
-            raise StoreError(f"{self.url}: rows {list(idx)} asked, {n} committed")
-        return self.array(name).get_orthogonal_selection((list(idx), slice(start, stop)))
+            raise StoreError(f"{self.url}: rows {idx} asked, {n} committed")
+        return self.array(name).get_orthogonal_selection((idx, slice(start, stop) if cols is None else cols))
+
+    def nonfinite(self, n_rows: int | None = None) -> set[str]:
+        """Tensors recorded with NaN/Inf in any of the first ``n_rows`` committed steps."""
+        out: set[str] = set()
+        for r in self.step_records[:n_rows]:
+            out.update(r.get("nonfinite", []))
+        return out
 
 
 def _remote_exists(url: str) -> bool:

@@ -1,0 +1,119 @@
+"""Where training pairs come from: time-rescaled self-calibration (method page, section 3).
+
+Times are whatever axis the caller measures in (global steps today; cumulative learning rate
+later): every formula uses ``t`` relative to the run's start ``t_0``. Values between two
+checkpoints are linearly interpolated; a plan only says which stored rows to combine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from farcast_core.errors import ForecastError
+
+EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Interp:
+    """The value at one time: ``(1 - w) * row[lo] + w * row[hi]``."""
+
+    lo: int
+    hi: int
+    w: float
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    """Which rows make the calibration pairs and the application features for one target."""
+
+    rho: float  # target ratio (T* - t_0) / (t_n - t_0)
+    ratios: tuple[float, ...]  # horizon ratios rho_1 < ... < rho_m = rho
+    feature_ratios: tuple[float, ...]  # feature times as fractions of (t_c - t_0): (0, ..., 1)
+    cuts: tuple[int, ...]  # rows used as "current" for the calibration pairs
+    features: tuple[tuple[Interp, ...], ...]  # per cut: one Interp per feature
+    targets: tuple[tuple[Interp, ...], ...]  # per cut: one Interp per horizon ratio
+    app_features: tuple[Interp, ...]  # the features at the newest row, for the forecast itself
+
+    @property
+    def rows(self) -> list[int]:
+        """Every stored row the plan reads, ascending."""
+        out = set()
+        for group in (*self.features, *self.targets, self.app_features):
+            for it in group:
+                out.update((it.lo, it.hi))
+        return sorted(out)
+
+
+def interp_at(times: np.ndarray, t: float) -> Interp:
+    """How to get the value at time ``t`` from the rows around it (``t`` within the run)."""
+    n = len(times) - 1
+    if t > times[-1] + EPS * max(1.0, abs(times[-1])) or t < times[0]:
+        raise ValueError(f"time {t} outside the observed {times[0]}..{times[-1]}")
+    hi = int(np.searchsorted(times, t - EPS * max(1.0, abs(t)), side="left"))
+    hi = min(max(hi, 0), n)
+    if abs(times[hi] - t) <= EPS * max(1.0, abs(t)):
+        return Interp(hi, hi, 0.0)
+    lo = hi - 1
+    w = (t - times[lo]) / (times[hi] - times[lo])
+    return Interp(lo, hi, float(w))
+
+
+def feature_interps(times: Sequence[float], feature_ratios: Sequence[float]) -> tuple[Interp, ...]:
+    """The features at the newest time: values at t_0 + g (t_n - t_0) for each feature ratio g."""
+    times = np.asarray(times, dtype=np.float64)
+    return tuple(interp_at(times, min(times[0] + g * (times[-1] - times[0]), times[-1])) for g in feature_ratios)
+
+
+def max_ratio(times: Sequence[float]) -> float:
+    """The largest target ratio the run supports: the first checkpoint after t_0 is the only cut."""
+    times = np.asarray(times, dtype=np.float64)
+    if len(times) < 3:
+        return 1.0
+    return float((times[-1] - times[0]) / (times[1] - times[0]))
+
+
+def plan_pairs(
+    times: Sequence[float],
+    rho: float,
+    horizons: int = 4,
+    max_cuts: int = 8,
+    extra_features: Sequence[float] = (),
+    unit: str = "steps",
+) -> PairPlan:
+    """Calibration pairs for target ratio ``rho`` on a run observed at ``times`` (ascending).
+
+    Raises ForecastError naming the largest supported ratio when no cut is admissible.
+    """
+    times = np.asarray(times, dtype=np.float64)
+    if len(times) < 3:
+        raise ForecastError(f"farcasting needs at least 3 checkpoints (s_0, a cut, the newest); this run has {len(times)}")
+    if not rho > 1.0 + 1e-12:
+        raise ForecastError(f"the target must lie after the newest checkpoint (ratio > 1), got ratio {rho:.4g}")
+    t0, tn = times[0], times[-1]
+    span = tn - t0
+    admissible = [c for c in range(1, len(times) - 1) if t0 + rho * (times[c] - t0) <= tn + EPS * span]
+    if not admissible:
+        biggest = max_ratio(times)
+        raise ForecastError(
+            f"ratio {rho:.4g} is too far for the observed history: it needs a checkpoint at or before "
+            f"{t0 + span / rho:.6g} {unit} besides the first; the largest ratio this run supports is {biggest:.4g} "
+            f"(ask for less, or let the run save more checkpoints)"
+        )
+    pick = np.unique(np.round(np.linspace(0, len(admissible) - 1, min(max_cuts, len(admissible)))).astype(int))
+    cuts = tuple(admissible[i] for i in pick)
+    ratios = tuple(float(r) for r in 1.0 + (rho - 1.0) * np.arange(1, horizons + 1) / horizons)
+    fr = tuple(sorted({0.0, *(float(g) for g in extra_features), 1.0}))
+    if any(not 0.0 <= g <= 1.0 for g in fr):
+        raise ForecastError(f"extra feature times must be fractions in [0, 1] of the way to the cut, got {extra_features}")
+
+    def at(t):
+        return interp_at(times, min(t, tn))
+
+    features = tuple(tuple(at(t0 + g * (times[c] - t0)) for g in fr) for c in cuts)
+    targets = tuple(tuple(at(t0 + r * (times[c] - t0)) for r in ratios) for c in cuts)
+    app = feature_interps(times, fr)
+    return PairPlan(float(rho), ratios, fr, cuts, features, targets, app)

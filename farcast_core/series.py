@@ -1,0 +1,92 @@
+"""Farcasting a whole (steps, params) series held in memory: one chunk, for tests and small models.
+
+The pipelines do the same chunk by chunk from the store; this is the reference they agree with.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from farcast_core import baselines
+from farcast_core.calibration import Interp, PairPlan, plan_pairs
+from farcast_core.forecaster import FitConfig, Fitted, apply, fit_batch
+
+
+def at(values: torch.Tensor, rows: Sequence[int], it: Interp) -> torch.Tensor:
+    """Value at one Interp from ``values`` (R, P) whose i-th row is stored row ``rows[i]``."""
+    pos = {r: i for i, r in enumerate(rows)}
+    lo = values[pos[it.lo]]
+    return lo if it.w == 0.0 else torch.lerp(lo, values[pos[it.hi]], it.w)
+
+
+def pairs(values: torch.Tensor, rows: Sequence[int], plan: PairPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(feats (cuts*P, F), targets (cuts*P, m), app_feats (P, F)) from rows ``rows`` of a chunk."""
+    feats = torch.cat([torch.stack([at(values, rows, it) for it in f], -1) for f in plan.features], 0)
+    targets = torch.cat([torch.stack([at(values, rows, it) for it in g], -1) for g in plan.targets], 0)
+    app = torch.stack([at(values, rows, it) for it in plan.app_features], -1)
+    return feats, targets, app
+
+
+def sample_index(n: int, l: int, seed: int) -> torch.Tensor:
+    """A sorted, seeded sample of l of n positions (all of them when n <= l)."""
+    if n <= l:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:l].sort().values
+
+
+def fit_series(
+    W: torch.Tensor, times: Sequence[float], rho: float, config: FitConfig = FitConfig()
+) -> tuple[Fitted, PairPlan]:
+    """Fit one forecaster on a (T, P) series observed at ``times``."""
+    plan = plan_pairs(times, rho, config.horizons, config.max_cuts, config.extra_features)
+    W = W.to(torch.float64)
+    idx = sample_index(W.shape[1], config.sample, config.seed)
+    rows = list(range(W.shape[0]))
+    feats, targets, app = pairs(W[:, idx], rows, plan)
+    ratios = torch.tensor(plan.ratios, dtype=torch.float64)
+    fitted = fit_batch(
+        feats[None], targets[None], torch.ones(1, feats.shape[0], dtype=torch.bool),
+        app[None], torch.ones(1, app.shape[0], dtype=torch.bool), ratios, config,
+    )
+    return fitted, plan
+
+
+def forecast_series(W: torch.Tensor, times: Sequence[float], rho: float, config: FitConfig = FitConfig()) -> torch.Tensor:
+    """The farcast of every parameter of a (T, P) series at ratio ``rho``: (P,)."""
+    fitted, plan = fit_series(W, times, rho, config)
+    feats = torch.stack([at(W.to(torch.float64), list(range(W.shape[0])), it) for it in plan.app_features], -1)
+    return apply(fitted.A[0], fitted.b[0], feats)[:, -1]
+
+
+def backtest_series(
+    W: torch.Tensor, times: Sequence[float], rho: float, config: FitConfig = FitConfig()
+) -> dict[str, float]:
+    """MAE at the newest row of every method, pretending the run ended where ``rho`` reaches it."""
+    times = np.asarray(times, dtype=np.float64)
+    b = backtest_row(times, rho)
+    W = W.to(torch.float64)
+    truth = W[-1]
+    T = float(times[-1])
+    seen, ts = W[: b + 1], times[: b + 1]
+    real_rho = (T - ts[0]) / (ts[-1] - ts[0])
+    k = min(config.linefit_k, b + 1)
+    preds = {
+        "farcast": forecast_series(seen, ts, real_rho, config),
+        "persistence": baselines.persistence(seen[-1]),
+        "chord": baselines.chord(seen[0], seen[-1], ts[0], ts[-1], T),
+        "linear": baselines.last_segment(seen[-2], seen[-1], ts[-2], ts[-1], T),
+        "linefit": baselines.linefit(seen[-k:], torch.tensor(ts[-k:]), T),
+    }
+    return {m: float((p - truth).abs().mean()) for m, p in preds.items()}
+
+
+def backtest_row(times: np.ndarray, rho: float) -> int:
+    """The row s_b that needs ratio ``rho`` to reach the newest row (nearest checkpoint)."""
+    t0, tn = times[0], times[-1]
+    want = t0 + (tn - t0) / rho
+    b = int(np.argmin(np.abs(times[:-1] - want)))
+    return max(b, 2)  # keep s_0, a cut and s_b

@@ -1,0 +1,143 @@
+"""How a user learns whether to trust a forecast (method page, section 6).
+
+Pretend the run ended at s_b, the checkpoint from which the requested ratio reaches the newest
+step s_n; fit on the steps up to s_b, forecast s_n, and compare with the real s_n: MAE over all
+forecast parameters and per tensor, for the farcaster and every baseline. Chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from farcast_core import baselines
+from farcast_core.baselines import METHODS
+from farcast_core.calibration import feature_interps, interp_at, max_ratio
+from farcast_core.dtypes import widen
+from farcast_core.errors import ForecastError
+from farcast_core.forecaster import FitConfig, Forecasters, apply
+from farcast_core.series import at, backtest_row
+from pipelines.fit import fit_store, resolve_target
+from storage.store import RunStore
+
+
+def backtest(
+    store_url: str | os.PathLike,
+    target_step: int | None = None,
+    ratio: float | None = None,
+    config: FitConfig = FitConfig(),
+    forecasters: Forecasters | None = None,
+) -> dict:
+    """The backtest report as a JSON-able dict (see ``farcast backtest --json``).
+
+    With ``forecasters`` (a transfer from another run) they are evaluated instead of fitted,
+    at their own ratio.
+    """
+    store = RunStore.open(store_url)
+    steps = store.steps
+    rho_user, target = resolve_target(steps, target_step, ratio)
+    times = np.array(steps, dtype=np.float64)
+    t0, tn = times[0], times[-1]
+    if forecasters is None:
+        b = backtest_row(times, rho_user)
+        rho = (tn - t0) / (times[b] - t0)
+    else:
+        _check_transfer(store, forecasters)
+        rho = forecasters.rho
+        fits = [r for r in range(2, len(times) - 1) if t0 + rho * (times[r] - t0) <= tn]
+        if not fits:
+            raise ForecastError(f"{store_url}: too few checkpoints to backtest forecasters of ratio {rho:.4g}")
+        b = fits[-1]
+    T = t0 + rho * (times[b] - t0)
+    try:
+        fc = forecasters or fit_store(store, b + 1, rho, config)
+    except ForecastError as e:
+        most = float(np.sqrt(max_ratio(times)))
+        raise ForecastError(
+            f"cannot backtest ratio {rho_user:.4g}: pretending the run ended at step {steps[b]} leaves too little "
+            f"history ({e}); this run can backtest ratios up to about {most:.3g}"
+        ) from e
+
+    truth = interp_at(times, T)
+    seen = times[: b + 1]
+    app = feature_interps(seen, fc.feature_ratios)
+    k = min(fc.config.linefit_k, b + 1)
+    line_rows = list(range(b - k + 1, b + 1))
+    rows = sorted({0, b - 1, b, truth.lo, truth.hi, *line_rows, *(r for it in app for r in (it.lo, it.hi))})
+    pos = {r: i for i, r in enumerate(rows)}
+    row_of = fc.row()
+    line_t = torch.tensor(times[line_rows], dtype=torch.float64)
+
+    excluded = sorted(set(fc.excluded) | {n for n in store.nonfinite() if store.tensors[n].kind == "float"})
+    sums = {name: dict.fromkeys(METHODS, 0.0) for name, m in store.tensors.items() if m.kind == "float" and name not in excluded}
+    counts = dict.fromkeys(sums, 0)
+    for name in sums:
+        m = store.tensors[name]
+        for i in range(m.plan.n_chunks):
+            lo, hi = m.plan.bounds(i)
+            v = widen(store.read(name, rows, lo, hi), m.dtype).to(torch.float64)  # (R, chunk)
+            real = at(v, rows, truth)
+            w0, wp, wb = v[pos[0]], v[pos[b - 1]], v[pos[b]]
+            k_ = row_of[(name, i)]
+            feats = torch.stack([at(v, rows, it) for it in app], -1)
+            preds = {
+                "farcast": apply(fc.A[k_], fc.b[k_], feats)[:, -1],
+                "persistence": baselines.persistence(wb),
+                "chord": baselines.chord(w0, wb, t0, times[b], T),
+                "linear": baselines.last_segment(wp, wb, times[b - 1], times[b], T),
+                "linefit": baselines.linefit(v[[pos[r] for r in line_rows]], line_t, T),
+            }
+            for meth, p in preds.items():
+                sums[name][meth] += float((p - real).abs().sum())
+            counts[name] += hi - lo
+    total = sum(counts.values())
+    if not total:
+        raise ForecastError(f"{store_url}: nothing to backtest (all float tensors excluded: {excluded})")
+    methods = {meth: {"mae": sum(s[meth] for s in sums.values()) / total} for meth in METHODS}
+    persistence = methods["persistence"]["mae"]
+    return {
+        "methods": methods,
+        "farcast_vs_persistence": methods["farcast"]["mae"] / persistence if persistence > 0 else float("inf"),
+        "observed_until": int(steps[-1]),
+        "backtest_from": int(steps[b]),
+        "backtest_target": float(T),
+        "backtest_ratio": float(rho),
+        "target_step": int(target),
+        "ratio": float(rho_user),
+        "per_tensor": {n: {meth: s[meth] / counts[n] for meth in METHODS} for n, s in sums.items()},
+        "excluded": excluded,
+        "config": fc.config.to_json(),
+        "parameters": total,
+        "transfer": forecasters is not None,
+    }
+
+
+def _check_transfer(store: RunStore, fc: Forecasters) -> None:
+    """A transferred forecaster must match this run's tensors and chunk plan."""
+    for name, chunk in fc.chunks.items():
+        m = store.tensors.get(name)
+        if m is None:
+            raise ForecastError(f"{store.url}: the forecaster covers tensor '{name}', which this run lacks; transfer needs the same architecture")
+        if m.chunk != chunk:
+            raise ForecastError(
+                f"{store.url}: tensor '{name}' is chunked by {m.chunk} here but {chunk} in the forecaster's run; "
+                "ingest with the same --memory-budget-mb"
+            )
+
+
+def format_table(report: dict) -> str:
+    """The backtest as a small text table."""
+    p = report["methods"]["persistence"]["mae"]
+    lines = [
+        f"backtest: fitted on steps up to {report['backtest_from']}, forecast step {report['backtest_target']:.6g} "
+        f"(ratio {report['backtest_ratio']:.3g}), compared with the real weights",
+        f"{'method':<12} {'MAE':>12} {'vs persistence':>15}",
+    ]
+    for meth in METHODS:
+        mae = report["methods"][meth]["mae"]
+        lines.append(f"{meth:<12} {mae:>12.4e} {mae / p if p else float('nan'):>15.3f}")
+    if report["excluded"]:
+        lines.append(f"excluded (NaN/Inf seen): {', '.join(report['excluded'])}")
+    return "\n".join(lines)

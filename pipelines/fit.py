@@ -1,0 +1,122 @@
+"""Zarr store --fit--> forecasters: one (A, b) per chunk, fitted as batched problems.
+
+Reads the store chunk by chunk (only the rows the calibration plan needs, only the sampled
+parameters), so memory is bounded by the sample and the batch, never the model or the run.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from farcast_core.calibration import PairPlan, plan_pairs
+from farcast_core.dtypes import widen
+from farcast_core.errors import ForecastError
+from farcast_core.forecaster import FitConfig, Forecasters, default_device, fit_batch
+from farcast_core.series import pairs, sample_index
+from storage.artifacts import default_forecaster_path, save_forecasters
+from storage.store import RunStore
+
+
+def resolve_target(steps: list[int], target_step: int | None, ratio: float | None) -> tuple[float, int]:
+    """(ratio, target step) from whichever of the two the user gave."""
+    if (target_step is None) == (ratio is None):
+        raise ForecastError("give exactly one of --target-step or --ratio")
+    if len(steps) < 3:
+        raise ForecastError(f"farcasting needs at least 3 checkpoints; the store has {len(steps)} ({steps})")
+    s0, sn = steps[0], steps[-1]
+    if ratio is not None:
+        if not ratio > 1:
+            raise ForecastError(f"--ratio must be > 1 (the target lies after step {sn}), got {ratio}")
+        return float(ratio), int(round(s0 + ratio * (sn - s0)))
+    if target_step <= sn:
+        raise ForecastError(f"--target-step {target_step} is not after the newest checkpoint, step {sn}")
+    return (target_step - s0) / (sn - s0), int(target_step)
+
+
+def chunk_seed(seed: int, name: str, chunk: int) -> int:
+    """A sample seed per chunk that depends on the tensor name, not on processing order."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 4_099 + chunk) % (2**63)
+
+
+def fit_store(
+    store: RunStore,
+    n_rows: int,
+    rho: float,
+    config: FitConfig = FitConfig(),
+    device: torch.device | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Forecasters:
+    """Fit forecasters for ratio ``rho`` on the first ``n_rows`` committed steps of ``store``."""
+    steps = store.steps[:n_rows]
+    plan = plan_pairs(np.array(steps, dtype=np.float64), rho, config.horizons, config.max_cuts, config.extra_features)
+    excluded = sorted(n for n in store.nonfinite(n_rows) if store.tensors[n].kind == "float")
+    metas = [m for m in store.tensors.values() if m.kind == "float" and m.name not in excluded]
+    jobs = [(m, i) for m in metas for i in range(m.plan.n_chunks)]
+    device = device or default_device()
+    keys, As, bs = [], [], []
+    for start in range(0, len(jobs), config.batch_chunks):
+        batch = jobs[start : start + config.batch_chunks]
+        samples = [_chunk_pairs(store, plan, m, i, config) for m, i in batch]
+        fitted = _fit_padded(samples, plan, config, device)
+        keys += [(m.name, i) for m, i in batch]
+        As.append(fitted.A.cpu())
+        bs.append(fitted.b.cpu())
+        if progress:
+            progress(start + len(batch), len(jobs))
+    if not keys:
+        raise ForecastError(f"{store.url}: no float tensor to forecast (all excluded: {excluded})")
+    return Forecasters(
+        keys=keys, chunks={m.name: m.chunk for m in metas}, A=torch.cat(As), b=torch.cat(bs), config=config,
+        rho=float(rho), ratios=plan.ratios, feature_ratios=plan.feature_ratios, steps=list(steps), excluded=excluded,
+    )
+
+
+def _chunk_pairs(store: RunStore, plan: PairPlan, m, i: int, config: FitConfig):
+    a, b = m.plan.bounds(i)
+    idx = sample_index(b - a, config.sample, chunk_seed(config.seed, m.name, i)).numpy()
+    vals = widen(store.read(m.name, plan.rows, cols=a + idx), m.dtype).to(torch.float64)  # (R, l)
+    return pairs(vals, plan.rows, plan)
+
+
+def _fit_padded(samples, plan: PairPlan, config: FitConfig, device):
+    """Stack per-chunk pairs of different sizes into one padded batch and fit it."""
+    K, F, m = len(samples), len(plan.feature_ratios), len(plan.ratios)
+    N = max(s[0].shape[0] for s in samples)
+    L = max(s[2].shape[0] for s in samples)
+    feats = torch.zeros(K, N, F, dtype=torch.float64)
+    targets = torch.zeros(K, N, m, dtype=torch.float64)
+    app = torch.zeros(K, L, F, dtype=torch.float64)
+    mask = torch.zeros(K, N, dtype=torch.bool)
+    app_mask = torch.zeros(K, L, dtype=torch.bool)
+    for k, (f, t, ap) in enumerate(samples):
+        feats[k, : len(f)], targets[k, : len(t)], app[k, : len(ap)] = f, t, ap
+        mask[k, : len(f)], app_mask[k, : len(ap)] = True, True
+    dt = torch.float64 if device.type == "cpu" else torch.float32  # features are normalised first
+    mv = lambda x: x.to(device=device, dtype=dt if x.is_floating_point() else x.dtype)  # noqa: E731
+    ratios = torch.tensor(plan.ratios, dtype=dt, device=device)
+    fitted = fit_batch(mv(feats), mv(targets), mv(mask), mv(app), mv(app_mask), ratios, config)
+    fitted.A, fitted.b = fitted.A.to(torch.float64), fitted.b.to(torch.float64)
+    return fitted
+
+
+def fit(
+    store_url: str | os.PathLike,
+    target_step: int | None = None,
+    ratio: float | None = None,
+    config: FitConfig = FitConfig(),
+    out: str | os.PathLike | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Forecasters, Path, int]:
+    """Fit on every committed step and save the forecasters; returns (forecasters, path, target step)."""
+    store = RunStore.open(store_url)
+    rho, target = resolve_target(store.steps, target_step, ratio)
+    fc = fit_store(store, len(store.steps), rho, config, progress=progress)
+    path = Path(out) if out else default_forecaster_path(str(store_url), target)
+    save_forecasters(fc, path, {"store": str(store_url), "target_step": target, "source": store.source})
+    return fc, path, target

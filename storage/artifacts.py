@@ -1,0 +1,54 @@
+"""Fitted forecasters on disk: one safetensors file (A, b) with everything else in its metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from safetensors import safe_open
+
+from farcast_core.errors import StoreError
+from farcast_core.forecaster import FitConfig, Forecasters
+from storage.store import VERSION
+from storage.writers import save_safetensors
+
+
+def default_forecaster_path(store_url: str, target_step: int) -> Path:
+    """Where `farcast fit` saves by default: beside the store (a local path)."""
+    p = Path(str(store_url).removeprefix("file://"))
+    return p.parent / f"{p.name}.forecasters" / f"target_{target_step}.safetensors"
+
+
+def save_forecasters(fc: Forecasters, path: str | os.PathLike, extra: dict | None = None) -> Path:
+    meta = {
+        "keys": fc.keys,
+        "chunks": fc.chunks,
+        "config": fc.config.to_json(),
+        "rho": fc.rho,
+        "ratios": list(fc.ratios),
+        "feature_ratios": list(fc.feature_ratios),
+        "steps": fc.steps,
+        "excluded": fc.excluded,
+        "farcast_version": VERSION,
+        **(extra or {}),
+    }
+    return save_safetensors({"A": fc.A.cpu(), "b": fc.b.cpu()}, path, {"farcast": json.dumps(meta)})
+
+
+def load_forecasters(path: str | os.PathLike) -> tuple[Forecasters, dict]:
+    """(forecasters, the full metadata) from a file written by ``save_forecasters``."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["farcast"])
+            A, b = f.get_tensor("A"), f.get_tensor("b")
+    except Exception as e:
+        raise StoreError(f"{path}: not a farcast forecaster file ({type(e).__name__}: {e}); fit one with 'farcast fit'") from e
+    fc = Forecasters(
+        keys=[tuple(k) for k in meta["keys"]], chunks=meta["chunks"], A=A, b=b,
+        config=FitConfig.from_json(meta["config"]), rho=meta["rho"], ratios=tuple(meta["ratios"]),
+        feature_ratios=tuple(meta["feature_ratios"]),
+        steps=meta["steps"], excluded=meta["excluded"],
+    )
+    return fc, meta
