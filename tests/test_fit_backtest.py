@@ -1,0 +1,129 @@
+"""Zarr store -> fitted forecasters -> backtest, on real training runs."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from farcast_core.errors import ForecastError
+from farcast_core.forecaster import FitConfig
+from flows.cli import main
+from pipelines.backtest import backtest
+from pipelines.demo import write_digits_run
+from pipelines.fit import fit, fit_store
+from pipelines.ingest import IngestConfig, ingest
+from storage.artifacts import load_forecasters
+from storage.store import RunStore
+
+FAST = FitConfig(iters=60)
+
+
+@pytest.fixture(scope="session")
+def adam_store(tmp_path_factory):
+    """A digits MLP (64-96-10) trained for real with Adam, 60 steps, a checkpoint every 5, in 4 Ki-value chunks."""
+    d = tmp_path_factory.mktemp("adam")
+    write_digits_run(d / "run", steps=60, every=5, optimizer="adam", lr=1e-3, hidden=96)
+    ingest(d / "run", d / "store", IngestConfig(memory_budget_mb=1))
+    return d / "store"
+
+
+def test_real_adam_run_beats_persistence_at_ratio_2(adam_store):
+    r = backtest(adam_store, ratio=2.0)
+    assert (r["observed_until"], r["backtest_from"], r["target_step"]) == (60, 30, 120)
+    assert set(r["methods"]) == {"farcast", "persistence", "chord", "linear", "linefit"}
+    assert r["farcast_vs_persistence"] < 0.9, r["methods"]
+    assert r["farcast_vs_persistence"] == pytest.approx(r["methods"]["farcast"]["mae"] / r["methods"]["persistence"]["mae"])
+    assert set(r["per_tensor"]) == {n for n, m in RunStore.open(adam_store).tensors.items() if m.kind == "float"}
+
+
+def test_fit_saves_forecasters_with_their_config(adam_store, tmp_path):
+    fc, path, target = fit(adam_store, target_step=90, config=FAST, out=tmp_path / "f.safetensors")
+    assert target == 90 and fc.rho == pytest.approx(1.5)
+    store = RunStore.open(adam_store)
+    floats = [m for m in store.tensors.values() if m.kind == "float"]
+    assert len(fc.keys) == sum(m.plan.n_chunks for m in floats) > len(floats)  # 0.weight spans chunks
+    loaded, meta = load_forecasters(path)
+    assert torch.equal(loaded.A, fc.A) and loaded.keys == fc.keys
+    assert meta["config"]["lam"] == FAST.lam and meta["target_step"] == 90 and meta["steps"] == store.steps
+
+
+def test_fit_is_deterministic_and_batching_does_not_change_it(adam_store):
+    store = RunStore.open(adam_store)
+    n = len(store.steps)
+    a = fit_store(store, n, 2.0, FAST)
+    b = fit_store(store, n, 2.0, FAST)
+    assert torch.equal(a.A, b.A) and torch.equal(a.b, b.b)
+    one_by_one = fit_store(store, n, 2.0, FitConfig(iters=60, batch_chunks=1))
+    assert one_by_one.keys == a.keys
+    assert torch.allclose(one_by_one.A, a.A, atol=1e-9) and torch.allclose(one_by_one.b, a.b, atol=1e-12)
+
+
+def test_transfer_a_forecaster_to_another_run(adam_store, tmp_path):
+    other = tmp_path / "other"
+    write_digits_run(other / "run", steps=60, every=5, optimizer="adam", lr=1e-3, hidden=96, seed=1)
+    ingest(other / "run", other / "store", IngestConfig(memory_budget_mb=1))
+    store = RunStore.open(adam_store)
+    fc = fit_store(store, 7, 2.0, FAST)  # fitted on steps 0..30 of the first run, ratio 2
+    r = backtest(other / "store", ratio=2.0, forecasters=fc)
+    assert r["transfer"] and r["backtest_from"] == 30
+    assert r["farcast_vs_persistence"] < 1.0, r["methods"]
+
+
+def test_transfer_needs_the_same_architecture(adam_store, tmp_path):
+    other = tmp_path / "other"
+    write_digits_run(other / "run", steps=20, every=5, hidden=16)
+    ingest(other / "run", other / "store", IngestConfig(memory_budget_mb=1))
+    fc = fit_store(RunStore.open(adam_store), 7, 2.0, FAST)
+    with pytest.raises(ForecastError, match="chunked by|lacks"):
+        backtest(other / "store", ratio=2.0, forecasters=fc)
+
+
+def test_too_far_targets_name_the_largest_ratio(adam_store):
+    with pytest.raises(ForecastError, match="largest ratio this run supports is 12"):
+        fit(adam_store, ratio=13.0)
+    with pytest.raises(ForecastError, match="can backtest ratios up to about 3.46"):
+        backtest(adam_store, ratio=5.0)
+    with pytest.raises(ForecastError, match="not after the newest checkpoint"):
+        fit(adam_store, target_step=60)
+
+
+def test_nan_tensor_is_excluded_and_reported(tmp_path):
+    run = write_digits_run(tmp_path / "run", steps=30, every=5)
+    last = run / "step_000030.safetensors"
+    sd = load_file(last)
+    sd["3.bias"][0] = float("nan")
+    save_file(sd, last)
+    ingest(run, tmp_path / "store")
+    r = backtest(tmp_path / "store", ratio=1.5, config=FAST)
+    assert r["excluded"] == ["3.bias"] and "3.bias" not in r["per_tensor"]
+    fc, _, _ = fit(tmp_path / "store", ratio=1.5, config=FAST)
+    assert fc.excluded == ["3.bias"] and all(name != "3.bias" for name, _ in fc.keys)
+
+
+def test_backtest_command_json_and_table(adam_store, tmp_path):
+    r = CliRunner().invoke(main, ["backtest", str(adam_store), "--ratio", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    for key in ("methods", "farcast_vs_persistence", "observed_until", "backtest_from", "target_step"):
+        assert key in out
+    assert all("mae" in out["methods"][m] for m in ("farcast", "persistence", "chord", "linear", "linefit"))
+    r = CliRunner().invoke(main, ["backtest", str(adam_store), "--target-step", "90"])
+    assert r.exit_code == 0 and "persistence" in r.output and "farcast" in r.output
+    r = CliRunner().invoke(main, ["backtest", str(adam_store), "--ratio", "50"])
+    assert r.exit_code == 2 and "can backtest ratios up to" in r.stderr
+
+
+def test_backtest_command_on_a_checkpoint_dir_and_fit_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("FARCAST_HOME", str(tmp_path / "home"))
+    run = write_digits_run(tmp_path / "run", steps=30, every=5)
+    r = CliRunner().invoke(main, ["backtest", str(run), "--ratio", "1.5", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["target_step"] == 45
+    stores = list((tmp_path / "home" / "stores").iterdir())
+    assert len(stores) == 1
+    r = CliRunner().invoke(main, ["fit", str(stores[0]), "--ratio", "1.5", "--out", str(tmp_path / "f.safetensors")])
+    assert r.exit_code == 0 and (tmp_path / "f.safetensors").is_file()
+    r = CliRunner().invoke(main, ["fit", str(stores[0])])
+    assert r.exit_code == 2 and "exactly one of --target-step or --ratio" in r.stderr
