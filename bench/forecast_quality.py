@@ -1,0 +1,143 @@
+"""Forecast quality: the backtest table on real training runs this script trains itself.
+
+Runs (all on CPU, no downloads):
+  digits-sgd     digits MLP (64-128-10), plain SGD
+  digits-adam    digits MLP (64-128-10), Adam
+  gpt2-const     tiny GPT-2 trained with the Hugging Face Trainer on Python's pydoc_data topics
+                 (byte-level), constant learning rate
+  gpt2-linear    the same with the Trainer's default linear-decay schedule
+For each run and ratio 1.5, 2, 3: MAE of the farcaster and every baseline, and each / persistence,
+for the default config and the variants we tried (lambda, features). Then fit time per million
+parameters on this CPU (on the largest run and on a synthetic 4M-parameter store).
+
+    python bench/forecast_quality.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from farcast_core.baselines import METHODS  # noqa: E402
+from farcast_core.forecaster import FitConfig  # noqa: E402
+from pipelines.backtest import backtest  # noqa: E402
+from pipelines.demo import write_digits_run  # noqa: E402
+from pipelines.fit import fit_store  # noqa: E402
+from pipelines.ingest import ingest  # noqa: E402
+from storage.store import RunStore  # noqa: E402
+from storage.writers import save_safetensors  # noqa: E402
+
+VARIANTS = {
+    "default": FitConfig(),
+    "lam=0": FitConfig(lam=0.0),
+    "lam=10": FitConfig(lam=10.0),
+    "features .5,.8": FitConfig(extra_features=(0.5, 0.8)),
+}
+
+
+def gpt2_run(out: Path, steps: int, every: int, schedule: str) -> Path:
+    """A tiny GPT-2 trained with the real Trainer on pydoc_data text; returns its output dir."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import pydoc_data.topics
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    text = "".join(pydoc_data.topics.topics.values()).encode("utf-8", "ignore")
+    data = torch.tensor(list(text[:200_000]), dtype=torch.long)
+    seq = 64
+    blocks = data[: len(data) // seq * seq].reshape(-1, seq)
+    ds = [{"input_ids": b, "labels": b} for b in blocks]
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=seq, n_embd=64, n_layer=2, n_head=4,
+                                       bos_token_id=0, eos_token_id=0))
+    model.save_pretrained(out / "checkpoint-0")
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=steps, save_steps=every, per_device_train_batch_size=16,
+        learning_rate=1e-3, lr_scheduler_type=schedule, warmup_steps=0, report_to=[], use_cpu=True,
+        logging_steps=every, disable_tqdm=True, save_only_model=True, seed=0,
+    )
+    Trainer(model=model, args=args, train_dataset=ds).train()
+    return out
+
+
+def synthetic_store(work: Path, params: int) -> Path:
+    """A 4M-parameter random-walk-with-drift run for timing the fit (13 checkpoints)."""
+    run = work / "synthetic"
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(params, generator=g)
+    drift = torch.randn(params, generator=g) * 1e-2
+    for s in range(13):
+        save_safetensors({"w": w.reshape(-1, 1024)}, run / f"step_{s * 10:05d}.safetensors")
+        w = w + drift / (1 + s) + 1e-3 * torch.randn(params, generator=g)
+    ingest(run, work / "synthetic.store")
+    return work / "synthetic.store"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="shorter runs (for a smoke check)")
+    ap.add_argument("--work", default=str(REPO / "bench" / "out" / "quality"))
+    args = ap.parse_args()
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    k = 2 if args.quick else 1
+    runs = {
+        "digits-sgd": lambda d: write_digits_run(d, steps=120 // k, every=5, optimizer="sgd", lr=0.05, hidden=128),
+        "digits-adam": lambda d: write_digits_run(d, steps=120 // k, every=5, optimizer="adam", lr=1e-3, hidden=128),
+        "gpt2-const": lambda d: gpt2_run(d, 200 // k, 10 // k, "constant"),
+        "gpt2-linear": lambda d: gpt2_run(d, 200 // k, 10 // k, "linear"),
+    }
+    print("forecast quality: backtest MAE (fit up to s_b, forecast s_n, compare); ratio = MAE / persistence MAE")
+    summary = {v: [] for v in VARIANTS}
+    timing = []
+    for name, make in runs.items():
+        t = time.perf_counter()
+        make(work / name)
+        train_s = time.perf_counter() - t
+        ingest(work / name, work / f"{name}.store")
+        store = RunStore.open(work / f"{name}.store")
+        n_float = sum(m.numel for m in store.tensors.values() if m.kind == "float")
+        print(f"\n== {name}: {len(store.steps)} checkpoints, steps {store.steps[0]}..{store.steps[-1]}, "
+              f"{n_float} float parameters, trained in {train_s:.0f} s")
+        print(f"{'ratio':>5} {'variant':<15} " + " ".join(f"{m:>11}" for m in METHODS) + "   farcast/best baseline")
+        for rho in (1.5, 2.0, 3.0):
+            for vname, cfg in VARIANTS.items():
+                r = backtest(store.url, ratio=rho, config=cfg)
+                p = r["methods"]["persistence"]["mae"]
+                rel = {m: r["methods"][m]["mae"] / p for m in METHODS}
+                best = min(v for m, v in rel.items() if m != "farcast")
+                summary[vname].append((name, rho, rel["farcast"], rel["farcast"] / best))
+                print(f"{rho:>5} {vname:<15} " + " ".join(f"{rel[m]:>11.3f}" for m in METHODS) + f"   {rel['farcast'] / best:.3f}")
+            print(f"{'':>5} {'(MAE default)':<15} " + " ".join(f"{r['methods'][m]['mae']:>11.3e}" for m in METHODS))
+        t = time.perf_counter()
+        fit_store(store, len(store.steps), 2.0, FitConfig(), torch.device("cpu"))
+        timing.append((name, n_float, time.perf_counter() - t))
+
+    print("\n== summary at ratio 2 (farcast / persistence; farcast / best baseline; beats every baseline?)")
+    for vname, rows in summary.items():
+        at2 = [r for r in rows if r[1] == 2.0]
+        f = np.array([r[2] for r in at2])
+        b = np.array([r[3] for r in at2])
+        print(f"{vname:<15} mean {f.mean():.3f} (goal <= 0.75)  per run " + ", ".join(f"{r[0]} {r[2]:.3f}/{r[3]:.3f}" for r in at2)
+              + f"  beats all on {int((b < 1).sum())}/{len(b)} runs")
+    print("\n== fit time on CPU (ratio 2, default config)")
+    store = synthetic_store(work, 4 * 2**20)
+    t = time.perf_counter()
+    fit_store(RunStore.open(store), 13, 2.0, FitConfig(), torch.device("cpu"))
+    timing.append(("synthetic-4M", 4 * 2**20, time.perf_counter() - t))
+    for name, n, s in timing:
+        print(f"{name:<14} {n / 1e6:>8.3f} M params  {s:>6.2f} s  {s / (n / 1e6):>8.2f} s per M params")
+
+
+if __name__ == "__main__":
+    main()
