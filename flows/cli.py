@@ -140,6 +140,64 @@ def backtest(ckpt_dir_or_store, target_step, ratio, store, forecaster, per_tenso
             click.echo(f"  {name:<40} farcast {row['farcast']:.3e}  persistence {row['persistence']:.3e}")
 
 
+def _emit_options(f):
+    f = click.option("--allow-worse", is_flag=True, help="Emit even when the backtest says the forecast is worse than persistence.")(f)
+    f = click.option("--force", is_flag=True, help="Replace an existing output.")(f)
+    f = click.option("--optimizer", type=click.Choice(["keep", "reset"]), default="keep", show_default=True,
+                     help="keep: copy the newest optimizer state; reset: same parameter groups, fresh state.")(f)
+    f = click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write the forecast checkpoint into (outside the run's directory).")(f)
+    return f
+
+
+def _print_emitted(result, as_json: bool) -> None:
+    from pipelines.backtest import format_table
+
+    if as_json:
+        click.echo(json.dumps({"emitted": str(result.path), "target_step": result.target_step,
+                               "files": result.files, "backtest": result.backtest}))
+        return
+    click.echo(format_table(result.backtest))
+    click.echo(f"emitted the forecast for step {result.target_step}: {result.path}")
+
+
+@main.command()
+@click.argument("store")
+@_target_options
+@_emit_options
+@click.option("--allow-pickle", is_flag=True, help="Load torch pickles that hold Python objects beyond tensors.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_fit_options
+def emit(store, target_step, ratio, out, optimizer, force, allow_worse, allow_pickle, as_json, lam, features, cuts, sample, seed) -> None:
+    """Write the forecast checkpoint of STORE's run at the target step, in the run's own layout."""
+    from pipelines.emit import EmitConfig, emit as run_emit
+
+    cfg = EmitConfig(optimizer=optimizer, force=force, allow_worse=allow_worse, allow_pickle=allow_pickle)
+    result = run_emit(store, out, target_step, ratio, _fit_config(lam, features, cuts, sample, seed), cfg)
+    _print_emitted(result, as_json)
+
+
+@main.command()
+@click.argument("ckpt_dir", type=click.Path(file_okay=False))
+@_target_options
+@_emit_options
+@click.option("--store", help="The run's Zarr store (default: a per-run store under ~/.cache/farcast).")
+@click.option("--allow-pickle", is_flag=True, help="Load torch pickles that hold Python objects beyond tensors.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_fit_options
+def run(ckpt_dir, target_step, ratio, out, optimizer, force, allow_worse, store, allow_pickle, as_json, lam, features, cuts, sample, seed) -> None:
+    """The whole job: ingest CKPT_DIR, fit, backtest, emit the forecast checkpoint into OUT."""
+    from pipelines.emit import EmitConfig, emit as run_emit
+    from pipelines.ingest import IngestConfig, default_store, ingest as run_ingest
+
+    store = store or str(default_store(ckpt_dir))
+    r = run_ingest(ckpt_dir, store, IngestConfig(allow_pickle=allow_pickle))
+    if not as_json:
+        click.echo(f"store {store}: {len(r.added)} new step(s), {len(r.present)} already there", err=True)
+    cfg = EmitConfig(optimizer=optimizer, force=force, allow_worse=allow_worse, allow_pickle=allow_pickle)
+    result = run_emit(store, out, target_step, ratio, _fit_config(lam, features, cuts, sample, seed), cfg)
+    _print_emitted(result, as_json)
+
+
 @main.command()
 @click.argument("out", default="farcast-demo", type=click.Path(file_okay=False))
 @click.option("--steps", default=60, show_default=True, help="Optimizer steps of the demo training run.")

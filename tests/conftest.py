@@ -70,34 +70,57 @@ def hf_run(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def lightning_run(tmp_path_factory, digits) -> Path:
-    """Lightning .ckpt files written by a real Trainer with ModelCheckpoint every 2 steps."""
+def _lightning():
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from sklearn.datasets import load_digits
 
-    class Net(L.LightningModule):
+    class LitNet(L.LightningModule):
+        """A digits MLP as a LightningModule; counts the training steps it runs."""
+
         def __init__(self):
             super().__init__()
             self.net = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+            self.steps_run = 0
 
         def training_step(self, batch, _):
+            self.steps_run += 1
             x, y = batch
             return torch.nn.functional.cross_entropy(self.net(x), y)
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.01 * s))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return LitNet
+
+
+def __getattr__(name):  # LitNet is built lazily so importing conftest does not import Lightning
+    if name == "LitNet":
+        return _lightning()
+    raise AttributeError(name)
+
+
+def digits_loader():
+    from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
     ds = torch.utils.data.TensorDataset(torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y))
+    return torch.utils.data.DataLoader(ds, batch_size=32)
+
+
+@pytest.fixture(scope="session")
+def lightning_run(tmp_path_factory) -> Path:
+    """Lightning .ckpt files written by a real Trainer with ModelCheckpoint every 2 steps."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     out = tmp_path_factory.mktemp("lightning") / "ckpts"
     torch.manual_seed(0)
     trainer = L.Trainer(
         max_steps=8, callbacks=[ModelCheckpoint(dirpath=out, every_n_train_steps=2, save_top_k=-1, save_last=True)],
         logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
     )
-    trainer.fit(Net(), torch.utils.data.DataLoader(ds, batch_size=32))
+    trainer.fit(_lightning()(), digits_loader())
     return out
 
 

@@ -1,0 +1,355 @@
+"""Forecasters --emit--> a checkpoint at the target step, in the layout of the run's newest one.
+
+The forecast is computed chunk by chunk from the store and cast to each tensor's source dtype;
+non-float tensors and tensors excluded from forecasting are copied bit for bit from the newest
+step. safetensors outputs are streamed (memory: one chunk); torch pickles and DCP need whole
+tensors and hold one file's tensors at a time. Everything is built under a temporary name in
+the output directory and renamed into place at the end, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from farcast_core.calibration import feature_interps
+from farcast_core.dtypes import DTYPES, from_storage, to_storage, widen
+from farcast_core.errors import ForecastError, StoreError
+from farcast_core.forecaster import FitConfig, Forecasters, apply
+from farcast_core.series import at
+from pipelines.backtest import backtest
+from pipelines.fit import fit_store, resolve_target
+from storage import writers
+from storage.checkpoints import HF_INDEXES, read_safetensors_header
+from storage.store import VERSION, RunStore, TensorMeta
+
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
+SCHEDULER_FILES = ("scheduler.pt", "scheduler.bin")
+
+
+@dataclass(frozen=True)
+class EmitConfig:
+    optimizer: str = "keep"  # keep: copy the newest optimizer state; reset: same param groups, empty state
+    force: bool = False  # replace an existing output
+    allow_worse: bool = False  # emit even when the backtest says the farcaster is worse than persistence
+    allow_pickle: bool = False  # load torch pickles that hold Python objects beyond tensors
+
+
+@dataclass
+class EmitResult:
+    path: Path  # the emitted checkpoint (directory or file)
+    target_step: int
+    backtest: dict
+    files: list[str] = field(default_factory=list)  # what was written, relative to path's parent
+
+
+def emit(
+    store_url: str | os.PathLike,
+    out: str | os.PathLike,
+    target_step: int | None = None,
+    ratio: float | None = None,
+    fit_config: FitConfig = FitConfig(),
+    config: EmitConfig = EmitConfig(),
+    report: dict | None = None,
+) -> EmitResult:
+    """Fit on the whole run, forecast ``target_step`` (or ``ratio``), write it beside ``out``."""
+    if config.optimizer not in ("keep", "reset"):
+        raise ForecastError(f"--optimizer must be keep or reset, got {config.optimizer!r}")
+    store = RunStore.open(store_url)
+    rho, target = resolve_target(store.steps, target_step, ratio)
+    source = Path(store.source)
+    out = Path(out).resolve()
+    if out == source or source in out.parents:
+        raise ForecastError(f"--out {out} is inside the checkpoint directory {source}; write the forecast elsewhere "
+                            "(the trainer would take it for one of its own checkpoints)")
+    newest = store.step_records[-1]
+    sources = [Path(p) for p in newest["sources"]]
+    missing = [p for p in sources if not p.exists()]
+    if missing:
+        raise StoreError(f"{missing[0]}: the newest ingested checkpoint's files are gone (rotated?); rerun 'farcast ingest'")
+
+    report = report or backtest(store.url, target_step=target, config=fit_config)
+    f, p = report["methods"]["farcast"]["mae"], report["methods"]["persistence"]["mae"]
+    if not f < p and not config.allow_worse:
+        raise ForecastError(
+            f"the backtest says the forecast is worse than keeping the newest weights: farcast MAE {f:.4e} vs "
+            f"persistence MAE {p:.4e} (ratio {report['farcast_vs_persistence']:.3f}); not emitted. "
+            "Try a smaller ratio or --features 0.5,0.8, or pass --allow-worse to emit anyway"
+        )
+    fc = fit_store(store, len(store.steps), rho, fit_config)
+    forecast = _Forecast(store, fc)
+    metadata = {
+        "farcast": json.dumps({
+            "version": VERSION, "method": "farcast-1layer", "config": fit_config.to_json(),
+            "source": str(source), "source_steps": store.steps, "target_step": target, "ratio": rho,
+            "optimizer": config.optimizer, "excluded": fc.excluded,
+            "backtest": {m: v["mae"] for m, v in report["methods"].items()}
+            | {"farcast_vs_persistence": report["farcast_vs_persistence"], "backtest_from": report["backtest_from"]},
+        })
+    }
+    ctx = _Ctx(store, forecast, target, config, metadata, store.steps[-1])
+    layout = store.layout
+    if layout in ("hf", "dirs", "dcp"):
+        src_dir = sources[0] if layout == "dcp" else sources[0].parent
+        final = out / rename_step(src_dir.name, store.steps[-1], target)
+        with writers.StagedOutput(final, config.force) as staged:
+            files = _emit_dir(ctx, src_dir, staged.tmp, sources, layout == "dcp")
+            path = staged.commit()
+    else:
+        src = sources[0]
+        final = out / rename_step(src.name, store.steps[-1], target)
+        side = final.with_suffix(".safetensors") if src.suffix != ".safetensors" else None
+        if side is not None and side.exists() and not config.force:
+            raise StoreError(f"{side}: already exists; pass --force to replace it, or choose another --out")
+        with writers.StagedOutput(final, config.force) as staged:
+            files = _emit_file(ctx, src, staged.tmp)
+            if side is not None:
+                with writers.StagedOutput(side, True) as side_staged:
+                    _stream_all(ctx, side_staged.tmp)
+                    side_staged.commit()
+                files.append(side.name)
+            path = staged.commit()
+            files.insert(0, final.name)
+    return EmitResult(path, target, report, files)
+
+
+def rename_step(name: str, old: int, new: int) -> str:
+    """``name`` with its step number ``old`` replaced by ``new``, keeping zero padding."""
+    runs = [m for m in re.finditer(r"\d+", name) if int(m.group()) == old]
+    if not runs:
+        return f"{name}-step{new}"
+    m = runs[-1]
+    digits = m.group()
+    rep = str(new).zfill(len(digits)) if digits.startswith("0") and len(digits) > 1 else str(new)
+    return name[: m.start()] + rep + name[m.end() :]
+
+
+class _Forecast:
+    """The target-step values of every tensor, chunk by chunk, in the store's representation."""
+
+    def __init__(self, store: RunStore, fc: Forecasters):
+        self.store, self.fc = store, fc
+        self.app = feature_interps(np.array(store.steps, dtype=np.float64), fc.feature_ratios)
+        self.rows = sorted({r for it in self.app for r in (it.lo, it.hi)})
+        self.last = len(store.steps) - 1
+        self.row_of = fc.row()
+
+    def chunks(self, m: TensorMeta) -> Iterator[np.ndarray]:
+        for i in range(m.plan.n_chunks):
+            lo, hi = m.plan.bounds(i)
+            k = self.row_of.get((m.name, i))
+            if k is None:  # buffers and excluded tensors: the newest values, bit for bit
+                yield self.store.read(m.name, [self.last], lo, hi)[0]
+                continue
+            v = widen(self.store.read(m.name, self.rows, lo, hi), m.dtype).to(torch.float64)
+            feats = torch.stack([at(v, self.rows, it) for it in self.app], -1)
+            y = apply(self.fc.A[k], self.fc.b[k], feats)[:, -1].to(DTYPES[m.dtype].torch)
+            if not torch.isfinite(y.to(torch.float64)).all():
+                raise ForecastError(
+                    f"tensor '{m.name}': the forecast has NaN/Inf (values {lo}..{hi}, {m.dtype}); nothing was written. "
+                    "Ask for a nearer target, or check this tensor's history"
+                )
+            yield to_storage(y)
+
+    def tensor(self, m: TensorMeta) -> torch.Tensor:
+        parts = [from_storage(c, m.dtype) for c in self.chunks(m)]
+        return torch.cat(parts).reshape(m.shape).clone()
+
+
+@dataclass
+class _Ctx:
+    store: RunStore
+    forecast: _Forecast
+    target: int
+    config: EmitConfig
+    metadata: dict
+    newest_step: int
+
+
+def _stream_file(ctx: _Ctx, src: Path, dst: Path) -> None:
+    """A safetensors file with ``src``'s tensors, order and metadata, holding the forecast."""
+    _, header = read_safetensors_header(src)
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    meta = {**header.get("__metadata__", {}), **ctx.metadata}
+    _stream(ctx, names, dst, meta)
+
+
+def _stream_all(ctx: _Ctx, dst: Path) -> None:
+    _stream(ctx, sorted(ctx.store.tensors), dst, {"format": "pt", **ctx.metadata})
+
+
+def _stream(ctx: _Ctx, names: list[str], dst: Path, meta: dict) -> None:
+    metas = ctx.store.tensors
+    specs = [(n, metas[n].dtype, metas[n].shape) for n in names]
+    writers.stream_safetensors(dst, specs, ((n, c) for n in names for c in ctx.forecast.chunks(metas[n])), meta)
+
+
+def _emit_dir(ctx: _Ctx, src_dir: Path, dst: Path, sources: list[Path], dcp: bool) -> list[str]:
+    """A step directory like ``src_dir`` holding the forecast; returns the files written."""
+    dst.mkdir(parents=True)
+    weight_names = {p.name for p in sources} | set(HF_INDEXES)
+    written = []
+    for p in sorted(src_dir.iterdir()):
+        if dcp and (p.suffix == ".distcp" or p.name == ".metadata"):
+            continue
+        if p.name in weight_names:
+            continue
+        if p.is_dir():
+            shutil.copytree(p, dst / p.name)
+        elif p.name in OPTIMIZER_FILES:
+            _write_optimizer(ctx, p, dst / p.name, _hf_lr_factor(ctx, src_dir))
+        elif p.name in SCHEDULER_FILES:
+            sched = writers.load_torch(p, ctx.config.allow_pickle)
+            _advance_scheduler(sched, ctx.newest_step, ctx.target, _hf_lr_factor(ctx, src_dir))
+            writers.save_torch(sched, dst / p.name)
+        elif p.name == "trainer_state.json":
+            state = json.loads(p.read_text())
+            if state.get("global_step") and state.get("epoch") is not None:
+                state["epoch"] = state["epoch"] * ctx.target / state["global_step"]
+            state["global_step"] = ctx.target
+            (dst / p.name).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        else:
+            writers.copy_file(p, dst / p.name)
+        written.append(p.name)
+    if dcp:
+        metas = ctx.store.tensors.values()
+        writers.save_dcp({m.name: ctx.forecast.tensor(m) for m in metas}, dst)
+        _stream_all(ctx, dst / "forecast.safetensors")
+        written += [".metadata", "forecast.safetensors"]
+        return written
+    for src in sources:
+        if src.suffix == ".safetensors":
+            _stream_file(ctx, src, dst / src.name)
+        else:
+            _write_torch(ctx, src, dst / src.name)
+        written.append(src.name)
+    for index in HF_INDEXES:
+        if (src_dir / index).is_file():
+            idx = json.loads((src_dir / index).read_text())
+            metas = ctx.store.tensors
+            idx.setdefault("metadata", {})["total_size"] = sum(
+                metas[n].numel * DTYPES[metas[n].dtype].storage.itemsize for n in idx["weight_map"]
+            )
+            (dst / index).write_text(json.dumps(idx, indent=2, sort_keys=True) + "\n")
+            written.append(index)
+    if not any(s.suffix == ".safetensors" for s in sources):
+        _stream_all(ctx, dst / "forecast.safetensors")
+        written.append("forecast.safetensors")
+    return written
+
+
+def _emit_file(ctx: _Ctx, src: Path, dst: Path) -> list[str]:
+    if src.suffix == ".safetensors":
+        _stream_file(ctx, src, dst)
+    else:
+        _write_torch(ctx, src, dst)
+    return []
+
+
+def _write_torch(ctx: _Ctx, src: Path, dst: Path) -> None:
+    """A copy of a torch pickle (raw state dict, or a container) with the forecast in its state dict."""
+    obj = writers.load_torch(src, ctx.config.allow_pickle)
+    sd = obj
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "module"):
+            if isinstance(obj.get(key), dict):
+                sd = obj[key]
+                break
+    metas = ctx.store.tensors
+    for name in list(sd):
+        if name in metas:
+            sd[name] = ctx.forecast.tensor(metas[name])
+    if isinstance(obj, dict) and sd is not obj:
+        _patch_container(ctx, obj)
+    writers.save_torch(obj, dst)
+
+
+def _patch_container(ctx: _Ctx, obj: dict) -> None:
+    """Advance step counters of a Lightning checkpoint or training container, apply the optimizer policy."""
+    delta = ctx.target - ctx.newest_step
+    if isinstance(obj.get("global_step"), int):
+        obj["global_step"] += delta
+    if isinstance(obj.get("step"), int):
+        obj["step"] += delta
+    schedulers = obj.get("lr_schedulers", []) or []
+    per_step = any(isinstance(s, dict) and s.get("last_epoch") == ctx.newest_step for s in schedulers)
+    fit_loop = (obj.get("loops") or {}).get("fit_loop")
+    if isinstance(fit_loop, dict):  # Lightning keeps its counters under flat dotted keys
+        counters = fit_loop.get("epoch_loop.state_dict", {})
+        if "_batches_that_stepped" in counters:
+            counters["_batches_that_stepped"] += delta
+        _add_ints(fit_loop.get("epoch_loop.batch_progress", {}), delta)
+        _add_ints(fit_loop.get("epoch_loop.automatic_optimization.optim_progress", {}), delta)
+        if per_step:
+            _add_ints(fit_loop.get("epoch_loop.scheduler_progress", {}), delta)
+    for sched in schedulers:
+        _advance_scheduler(sched, ctx.newest_step, ctx.target)
+    if ctx.config.optimizer == "reset":
+        for opt in obj.get("optimizer_states", []) or []:
+            opt["state"] = {}
+        if isinstance(obj.get("optimizer"), dict) and "state" in obj["optimizer"]:
+            obj["optimizer"]["state"] = {}
+
+
+def _add_ints(d: dict, delta: int) -> None:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            _add_ints(v, delta)
+        elif isinstance(v, int) and not isinstance(v, bool):
+            d[k] = v + delta
+
+
+def _advance_scheduler(sched: dict, newest: int, target: int, lr_factor: float | None = None) -> None:
+    """A torch LR scheduler state stepped per optimizer step continues from ``target``."""
+    if isinstance(sched, dict) and sched.get("last_epoch") == newest:
+        sched["last_epoch"] = target
+        if "_step_count" in sched:
+            sched["_step_count"] = target + 1
+        if lr_factor is not None and "base_lrs" in sched:
+            sched["_last_lr"] = [b * lr_factor for b in sched["base_lrs"]]
+
+
+def _write_optimizer(ctx: _Ctx, src: Path, dst: Path, lr_factor: float | None) -> None:
+    """The optimizer state per policy; with a known schedule, its learning rates set to the target step's."""
+    if ctx.config.optimizer == "keep" and lr_factor is None:
+        writers.copy_file(src, dst)
+        return
+    opt = writers.load_torch(src, ctx.config.allow_pickle)
+    if ctx.config.optimizer == "reset":
+        opt["state"] = {}  # same parameter groups (lr, betas, ...), fresh moments
+    if lr_factor is not None:
+        for group in opt["param_groups"]:
+            if "initial_lr" in group:
+                group["lr"] = group["initial_lr"] * lr_factor
+    writers.save_torch(opt, dst)
+
+
+def _hf_lr_factor(ctx: _Ctx, src_dir: Path) -> float | None:
+    """The Trainer schedule's multiplier at the target step, read from training_args.bin.
+
+    The first optimizer step after resuming uses the learning rate stored in optimizer.pt (that
+    of the newest real step); the scheduler only takes over after it. training_args.bin is a
+    pickle, so it is read only with --allow-pickle; without it that one step keeps the old rate.
+    """
+    args_file = src_dir / "training_args.bin"
+    state_file = src_dir / "trainer_state.json"
+    if not (ctx.config.allow_pickle and args_file.is_file() and state_file.is_file()):
+        return None
+    from transformers import get_scheduler
+
+    args = torch.load(args_file, weights_only=False)
+    total = json.loads(state_file.read_text()).get("max_steps") or args.max_steps
+    dummy = torch.optim.SGD([torch.zeros(1)], lr=1.0)
+    sched = get_scheduler(
+        args.lr_scheduler_type, dummy, num_warmup_steps=args.get_warmup_steps(total), num_training_steps=total,
+        scheduler_specific_kwargs=getattr(args, "lr_scheduler_kwargs", None) or {},
+    )
+    return float(sched.lr_lambdas[0](ctx.target))
