@@ -167,12 +167,16 @@ def _print_emitted(result, as_json: bool) -> None:
 @click.option("--allow-pickle", is_flag=True, help="Load torch pickles that hold Python objects beyond tensors.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_fit_options
-def emit(store, target_step, ratio, out, optimizer, force, allow_worse, allow_pickle, as_json, lam, features, cuts, sample, seed) -> None:
+@click.option("--forecaster", type=click.Path(exists=True, dir_okay=False), help="Use forecasters saved by 'farcast fit' instead of fitting.")
+def emit(store, target_step, ratio, out, optimizer, force, allow_worse, allow_pickle, as_json, lam, features, cuts, sample, seed, forecaster) -> None:
     """Write the forecast checkpoint of STORE's run at the target step, in the run's own layout."""
     from pipelines.emit import EmitConfig, emit as run_emit
+    from storage.artifacts import load_forecasters
 
     cfg = EmitConfig(optimizer=optimizer, force=force, allow_worse=allow_worse, allow_pickle=allow_pickle)
-    result = run_emit(store, out, target_step, ratio, _fit_config(lam, features, cuts, sample, seed), cfg)
+    fc = load_forecasters(forecaster)[0] if forecaster else None
+    fit_cfg = fc.config if fc else _fit_config(lam, features, cuts, sample, seed)
+    result = run_emit(store, out, target_step, ratio, fit_cfg, cfg, forecasters=fc)
     _print_emitted(result, as_json)
 
 

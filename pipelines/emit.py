@@ -59,8 +59,13 @@ def emit(
     fit_config: FitConfig = FitConfig(),
     config: EmitConfig = EmitConfig(),
     report: dict | None = None,
+    forecasters: Forecasters | None = None,
 ) -> EmitResult:
-    """Fit on the whole run, forecast ``target_step`` (or ``ratio``), write it beside ``out``."""
+    """Forecast ``target_step`` (or ``ratio``) and write it into ``out``.
+
+    Uses ``forecasters`` when given (from ``farcast fit``, fitted on this run's steps for this
+    target), else fits them on the whole run. ``report`` is the backtest, computed if absent.
+    """
     if config.optimizer not in ("keep", "reset"):
         raise ForecastError(f"--optimizer must be keep or reset, got {config.optimizer!r}")
     store = RunStore.open(store_url)
@@ -84,7 +89,13 @@ def emit(
             f"persistence MAE {p:.4e} (ratio {report['farcast_vs_persistence']:.3f}); not emitted. "
             "Try a smaller ratio or --features 0.5,0.8, or pass --allow-worse to emit anyway"
         )
-    fc = fit_store(store, len(store.steps), rho, fit_config)
+    if forecasters is not None and (forecasters.steps != store.steps or abs(forecasters.rho - rho) > 1e-9):
+        raise ForecastError(
+            f"the forecasters were fitted for ratio {forecasters.rho:.4g} on steps {forecasters.steps[0]}..{forecasters.steps[-1]}, "
+            f"not ratio {rho:.4g} on steps {store.steps[0]}..{store.steps[-1]}; refit with 'farcast fit'"
+        )
+    fc = forecasters or fit_store(store, len(store.steps), rho, fit_config)
+    fit_config = fc.config
     forecast = _Forecast(store, fc)
     metadata = {
         "farcast": json.dumps({

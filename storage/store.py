@@ -205,7 +205,16 @@ class RunStore:
         idx = list(range(n)[rows]) if isinstance(rows, slice) else list(rows)
         if any(r >= n or r < 0 for r in idx):
             raise StoreError(f"{self.url}: rows {idx} asked, {n} committed")
-        return self.array(name).get_orthogonal_selection((idx, slice(start, stop) if cols is None else cols))
+        a = self.array(name)
+        if cols is not None:  # read the span of the wanted positions, keep those (one row in memory)
+            start, stop = int(cols.min()), int(cols.max()) + 1
+            cols = cols - start
+        stop = a.shape[1] if stop is None else stop
+        out = np.empty((len(idx), stop - start if cols is None else len(cols)), dtype=a.dtype)
+        for i, r in enumerate(idx):  # plain slicing: zarr's orthogonal selection is ~40x slower here
+            row = a[r, start:stop]
+            out[i] = row if cols is None else row[cols]
+        return out
 
     def nonfinite(self, n_rows: int | None = None) -> set[str]:
         """Tensors recorded with NaN/Inf in any of the first ``n_rows`` committed steps."""
