@@ -106,7 +106,7 @@ def fit(store, target_step, ratio, out, lam, features, cuts, sample, seed) -> No
     from pipelines.fit import fit as run_fit
 
     def progress(done, total):
-        click.echo(f"  fitted {done}/{total} chunks", err=True)
+        click.echo(f"  fitted batch {done}/{total}", err=True)
 
     fc, path, target = run_fit(store, target_step, ratio, _fit_config(lam, features, cuts, sample, seed), out, progress)
     click.echo(f"fitted {len(fc.keys)} chunk forecasters for step {target} (ratio {fc.rho:.4g}) on steps "

@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shutil
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -23,7 +25,7 @@ import torch
 from farcast_core.calibration import feature_interps
 from farcast_core.dtypes import DTYPES, from_storage, to_storage, widen
 from farcast_core.errors import ForecastError, StoreError
-from farcast_core.forecaster import FitConfig, Forecasters, apply
+from farcast_core.forecaster import FitConfig, Forecasters
 from farcast_core.series import at
 from pipelines.backtest import backtest
 from pipelines.fit import fit_store, resolve_target
@@ -153,22 +155,44 @@ class _Forecast:
         self.last = len(store.steps) - 1
         self.row_of = fc.row()
 
+    def chunk(self, m: TensorMeta, i: int) -> np.ndarray:
+        """Chunk ``i`` of tensor ``m`` at the target step, in the store's representation."""
+        lo, hi = m.plan.bounds(i)
+        k = self.row_of.get((m.name, i))
+        if k is None:  # buffers and excluded tensors: the newest values, bit for bit
+            return self.store.read(m.name, [self.last], lo, hi)[0]
+        # float32 arithmetic is exact enough for float32-and-narrower weights and twice as fast
+        dt = torch.float64 if m.dtype == "float64" else torch.float32
+        v = widen(self.store.read(m.name, self.rows, lo, hi), m.dtype).to(dt)
+        A, b = self.fc.A[k, :, -1].tolist(), self.fc.b[k, -1].item()
+        y = torch.full((hi - lo,), b, dtype=dt)
+        for a, it in zip(A, self.app):
+            y.add_(at(v, self.rows, it), alpha=a)
+        y = y.to(DTYPES[m.dtype].torch)
+        if not torch.isfinite(y.to(torch.float64) if y.dtype.itemsize == 1 else y).all():
+            raise ForecastError(
+                f"tensor '{m.name}': the forecast has NaN/Inf (values {lo}..{hi}, {m.dtype}); nothing was written. "
+                "Ask for a nearer target, or check this tensor's history"
+            )
+        return to_storage(y)
+
     def chunks(self, m: TensorMeta) -> Iterator[np.ndarray]:
-        for i in range(m.plan.n_chunks):
-            lo, hi = m.plan.bounds(i)
-            k = self.row_of.get((m.name, i))
-            if k is None:  # buffers and excluded tensors: the newest values, bit for bit
-                yield self.store.read(m.name, [self.last], lo, hi)[0]
-                continue
-            v = widen(self.store.read(m.name, self.rows, lo, hi), m.dtype).to(torch.float64)
-            feats = torch.stack([at(v, self.rows, it) for it in self.app], -1)
-            y = apply(self.fc.A[k], self.fc.b[k], feats)[:, -1].to(DTYPES[m.dtype].torch)
-            if not torch.isfinite(y.to(torch.float64)).all():
-                raise ForecastError(
-                    f"tensor '{m.name}': the forecast has NaN/Inf (values {lo}..{hi}, {m.dtype}); nothing was written. "
-                    "Ask for a nearer target, or check this tensor's history"
-                )
-            yield to_storage(y)
+        return (self.chunk(m, i) for i in range(m.plan.n_chunks))
+
+    def stream(self, names: list[str], ahead: int = 2) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, chunk) for every chunk of ``names`` in order, computing ``ahead`` chunks in parallel."""
+        metas = self.store.tensors
+        jobs = [(n, i) for n in names for i in range(metas[n].plan.n_chunks)]
+        with ThreadPoolExecutor(ahead) as pool:
+            pending = deque()
+            for n, i in jobs:
+                pending.append((n, pool.submit(self.chunk, metas[n], i)))
+                if len(pending) > ahead:
+                    name, fut = pending.popleft()
+                    yield name, fut.result()
+            while pending:
+                name, fut = pending.popleft()
+                yield name, fut.result()
 
     def tensor(self, m: TensorMeta) -> torch.Tensor:
         parts = [from_storage(c, m.dtype) for c in self.chunks(m)]
@@ -200,7 +224,7 @@ def _stream_all(ctx: _Ctx, dst: Path) -> None:
 def _stream(ctx: _Ctx, names: list[str], dst: Path, meta: dict) -> None:
     metas = ctx.store.tensors
     specs = [(n, metas[n].dtype, metas[n].shape) for n in names]
-    writers.stream_safetensors(dst, specs, ((n, c) for n in names for c in ctx.forecast.chunks(metas[n])), meta)
+    writers.stream_safetensors(dst, specs, ctx.forecast.stream(names), meta)
 
 
 def _emit_dir(ctx: _Ctx, src_dir: Path, dst: Path, sources: list[Path], dcp: bool) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +45,50 @@ def chunk_seed(seed: int, name: str, chunk: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode()) * 4_099 + chunk) % (2**63)
 
 
+@dataclass
+class FitPlan:
+    """What fitting one target on a run involves: the pairs, and the chunk batches to fit."""
+
+    rho: float
+    n_rows: int  # fit on the first n_rows committed steps
+    steps: list[int]
+    pairs: PairPlan
+    excluded: list[str]  # float tensors with NaN/Inf: not forecast
+    chunks: dict[str, int]  # tensor -> chunk length, of the tensors forecast
+    batches: list[list[tuple[str, int]]]  # (tensor, chunk) keys, one batched problem each
+
+
+def plan_fit(store: RunStore, n_rows: int, rho: float, config: FitConfig = FitConfig()) -> FitPlan:
+    steps = store.steps[:n_rows]
+    pairs_plan = plan_pairs(np.array(steps, dtype=np.float64), rho, config.horizons, config.max_cuts, config.extra_features)
+    excluded = sorted(n for n in store.nonfinite(n_rows) if store.tensors[n].kind == "float")
+    metas = [m for m in store.tensors.values() if m.kind == "float" and m.name not in excluded]
+    if not metas:
+        raise ForecastError(f"{store.url}: no float tensor to forecast (excluded for NaN/Inf: {excluded})")
+    keys = [(m.name, i) for m in metas for i in range(m.plan.n_chunks)]
+    batches = [keys[i : i + config.batch_chunks] for i in range(0, len(keys), config.batch_chunks)]
+    return FitPlan(float(rho), n_rows, list(steps), pairs_plan, excluded, {m.name: m.chunk for m in metas}, batches)
+
+
+def fit_keys(
+    store: RunStore, plan: FitPlan, keys: list[tuple[str, int]], config: FitConfig, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (K, F, m), b (K, m)) float64 on the CPU for one batch of chunk keys."""
+    metas = store.tensors
+    samples = [_chunk_pairs(store, plan.pairs, metas[name], i, config) for name, i in keys]
+    fitted = _fit_padded(samples, plan.pairs, config, device or default_device())
+    return fitted.A.cpu(), fitted.b.cpu()
+
+
+def assemble(plan: FitPlan, config: FitConfig, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> Forecasters:
+    """The run's forecasters from the fitted batches, in plan order."""
+    return Forecasters(
+        keys=[k for batch in plan.batches for k in batch], chunks=plan.chunks,
+        A=torch.cat([a for a, _ in parts]), b=torch.cat([b for _, b in parts]), config=config, rho=plan.rho,
+        ratios=plan.pairs.ratios, feature_ratios=plan.pairs.feature_ratios, steps=plan.steps, excluded=plan.excluded,
+    )
+
+
 def fit_store(
     store: RunStore,
     n_rows: int,
@@ -53,28 +98,13 @@ def fit_store(
     progress: Callable[[int, int], None] | None = None,
 ) -> Forecasters:
     """Fit forecasters for ratio ``rho`` on the first ``n_rows`` committed steps of ``store``."""
-    steps = store.steps[:n_rows]
-    plan = plan_pairs(np.array(steps, dtype=np.float64), rho, config.horizons, config.max_cuts, config.extra_features)
-    excluded = sorted(n for n in store.nonfinite(n_rows) if store.tensors[n].kind == "float")
-    metas = [m for m in store.tensors.values() if m.kind == "float" and m.name not in excluded]
-    jobs = [(m, i) for m in metas for i in range(m.plan.n_chunks)]
-    device = device or default_device()
-    keys, As, bs = [], [], []
-    for start in range(0, len(jobs), config.batch_chunks):
-        batch = jobs[start : start + config.batch_chunks]
-        samples = [_chunk_pairs(store, plan, m, i, config) for m, i in batch]
-        fitted = _fit_padded(samples, plan, config, device)
-        keys += [(m.name, i) for m, i in batch]
-        As.append(fitted.A.cpu())
-        bs.append(fitted.b.cpu())
+    plan = plan_fit(store, n_rows, rho, config)
+    parts = []
+    for n, keys in enumerate(plan.batches):
+        parts.append(fit_keys(store, plan, keys, config, device))
         if progress:
-            progress(start + len(batch), len(jobs))
-    if not keys:
-        raise ForecastError(f"{store.url}: no float tensor to forecast (all excluded: {excluded})")
-    return Forecasters(
-        keys=keys, chunks={m.name: m.chunk for m in metas}, A=torch.cat(As), b=torch.cat(bs), config=config,
-        rho=float(rho), ratios=plan.ratios, feature_ratios=plan.feature_ratios, steps=list(steps), excluded=excluded,
-    )
+            progress(n + 1, len(plan.batches))
+    return assemble(plan, config, parts)
 
 
 def _chunk_pairs(store: RunStore, plan: PairPlan, m, i: int, config: FitConfig):
