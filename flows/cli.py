@@ -184,22 +184,84 @@ def emit(store, target_step, ratio, out, optimizer, force, allow_worse, allow_pi
 @click.argument("ckpt_dir", type=click.Path(file_okay=False))
 @_target_options
 @_emit_options
-@click.option("--store", help="The run's Zarr store (default: a per-run store under ~/.cache/farcast).")
+@click.option("--store", help="The run's Zarr store, any fsspec URL the workers reach (default: a per-run store under ~/.cache/farcast).")
+@click.option("--runner", type=click.Choice(["threads", "processes", "dask"]), default="threads", show_default=True, help="Prefect task runner.")
+@click.option("--dask-address", help="Scheduler address of an existing Dask cluster (with --runner dask); default: a LocalCluster.")
+@click.option("--workers", default=2, show_default=True, help="Threads, processes or LocalCluster workers.")
+@click.option("--direct", is_flag=True, help="Call the pipeline functions without Prefect (no server, no artifacts).")
 @click.option("--allow-pickle", is_flag=True, help="Load torch pickles that hold Python objects beyond tensors.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_fit_options
-def run(ckpt_dir, target_step, ratio, out, optimizer, force, allow_worse, store, allow_pickle, as_json, lam, features, cuts, sample, seed) -> None:
-    """The whole job: ingest CKPT_DIR, fit, backtest, emit the forecast checkpoint into OUT."""
-    from pipelines.emit import EmitConfig, emit as run_emit
-    from pipelines.ingest import IngestConfig, default_store, ingest as run_ingest
+def run(ckpt_dir, target_step, ratio, out, optimizer, force, allow_worse, store, runner, dask_address, workers, direct,
+        allow_pickle, as_json, lam, features, cuts, sample, seed) -> None:
+    """The whole job: ingest CKPT_DIR, fit, backtest, emit the forecast checkpoint into OUT (a Prefect flow)."""
+    from pipelines.ingest import default_store
 
     store = store or str(default_store(ckpt_dir))
-    r = run_ingest(ckpt_dir, store, IngestConfig(allow_pickle=allow_pickle))
-    if not as_json:
-        click.echo(f"store {store}: {len(r.added)} new step(s), {len(r.present)} already there", err=True)
-    cfg = EmitConfig(optimizer=optimizer, force=force, allow_worse=allow_worse, allow_pickle=allow_pickle)
-    result = run_emit(store, out, target_step, ratio, _fit_config(lam, features, cuts, sample, seed), cfg)
-    _print_emitted(result, as_json)
+    fit_cfg = _fit_config(lam, features, cuts, sample, seed)
+    emit_cfg = dict(optimizer=optimizer, force=force, allow_worse=allow_worse, allow_pickle=allow_pickle)
+    if direct:
+        from pipelines.emit import EmitConfig, emit as run_emit
+        from pipelines.ingest import IngestConfig, ingest as run_ingest
+
+        r = run_ingest(ckpt_dir, store, IngestConfig(allow_pickle=allow_pickle))
+        if not as_json:
+            click.echo(f"store {store}: {len(r.added)} new step(s), {len(r.present)} already there", err=True)
+        result = run_emit(store, out, target_step, ratio, fit_cfg, EmitConfig(**emit_cfg))
+        _print_emitted(result, as_json)
+        return
+    from flows.flows import farcast_flow, with_runner
+
+    f = with_runner(farcast_flow, runner, dask_address, workers)
+    r = _quiet_flow(f, as_json)(ckpt_dir, out, target_step, ratio, store, fit_cfg.to_json(), emit_cfg, allow_pickle)
+    if as_json:
+        click.echo(json.dumps({k: r[k] for k in ("emitted", "target_step", "files", "backtest", "store")}))
+        return
+    from pipelines.backtest import format_table
+
+    click.echo(format_table(r["backtest"]))
+    click.echo(f"emitted the forecast for step {r['target_step']}: {r['emitted']}")
+
+
+def _quiet_flow(f, quiet: bool):
+    """Run a flow; with --json, keep Prefect's logs off stdout so the output stays one JSON object."""
+    if not quiet:
+        return f
+
+    def call(*args):
+        import contextlib
+
+        with contextlib.redirect_stdout(sys.stderr):
+            return f(*args)
+
+    return call
+
+
+@main.command()
+@click.argument("ckpt_dir", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory the forecasts are written into.")
+@_target_options
+@click.option("--interval", type=float, help="Seconds between scheduled runs.")
+@click.option("--cron", help="Cron expression for scheduled runs, e.g. '*/30 * * * *'.")
+@click.option("--store", help="The run's Zarr store (default: a per-run store under ~/.cache/farcast).")
+@click.option("--name", help="Deployment name (default: farcast-<run dir name>).")
+@_fit_options
+def serve(ckpt_dir, out, target_step, ratio, interval, cron, store, name, lam, features, cuts, sample, seed) -> None:
+    """Serve a scheduled deployment that re-forecasts CKPT_DIR whenever the trainer saved more."""
+    from farcast_core.errors import ForecastError
+
+    if (interval is None) == (cron is None):
+        raise ForecastError("give exactly one of --interval or --cron")
+    if (target_step is None) == (ratio is None):
+        raise ForecastError("give exactly one of --target-step or --ratio")
+    from prefect import serve as prefect_serve
+
+    from flows.flows import make_deployment
+
+    d = make_deployment(ckpt_dir, out, ratio, target_step, interval, cron, store,
+                        _fit_config(lam, features, cuts, sample, seed).to_json(), name)
+    click.echo(f"serving deployment '{d.name}' ({'every ' + str(interval) + ' s' if interval else 'cron ' + cron}); Ctrl-C stops", err=True)
+    prefect_serve(d)
 
 
 @main.command()
