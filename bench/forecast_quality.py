@@ -37,10 +37,14 @@ from storage.store import RunStore  # noqa: E402
 from storage.writers import save_safetensors  # noqa: E402
 
 VARIANTS = {
-    "default": FitConfig(),
+    "default (.5,.8)": FitConfig(),
     "lam=0": FitConfig(lam=0.0),
     "lam=10": FitConfig(lam=10.0),
-    "features .5,.8": FitConfig(extra_features=(0.5, 0.8)),
+    "paper (no extra)": FitConfig(extra_features=()),
+    "paper lam=0": FitConfig(extra_features=(), lam=0.0),
+    "paper lam=10": FitConfig(extra_features=(), lam=10.0),
+    "features .8": FitConfig(extra_features=(0.8,)),
+    "cuts=4": FitConfig(max_cuts=4),
 }
 
 
@@ -109,7 +113,7 @@ def main() -> None:
         n_float = sum(m.numel for m in store.tensors.values() if m.kind == "float")
         print(f"\n== {name}: {len(store.steps)} checkpoints, steps {store.steps[0]}..{store.steps[-1]}, "
               f"{n_float} float parameters, trained in {train_s:.0f} s")
-        print(f"{'ratio':>5} {'variant':<15} " + " ".join(f"{m:>11}" for m in METHODS) + "   farcast/best baseline")
+        print(f"{'ratio':>5} {'variant':<17} " + " ".join(f"{m:>11}" for m in METHODS) + "   farcast/best baseline")
         for rho in (1.5, 2.0, 3.0):
             for vname, cfg in VARIANTS.items():
                 r = backtest(store.url, ratio=rho, config=cfg)
@@ -117,8 +121,8 @@ def main() -> None:
                 rel = {m: r["methods"][m]["mae"] / p for m in METHODS}
                 best = min(v for m, v in rel.items() if m != "farcast")
                 summary[vname].append((name, rho, rel["farcast"], rel["farcast"] / best))
-                print(f"{rho:>5} {vname:<15} " + " ".join(f"{rel[m]:>11.3f}" for m in METHODS) + f"   {rel['farcast'] / best:.3f}")
-            print(f"{'':>5} {'(MAE default)':<15} " + " ".join(f"{r['methods'][m]['mae']:>11.3e}" for m in METHODS))
+                print(f"{rho:>5} {vname:<17} " + " ".join(f"{rel[m]:>11.3f}" for m in METHODS) + f"   {rel['farcast'] / best:.3f}")
+            print(f"{'':>5} {'(MAE default)':<17} " + " ".join(f"{r['methods'][m]['mae']:>11.3e}" for m in METHODS))
         t = time.perf_counter()
         fit_store(store, len(store.steps), 2.0, FitConfig(), torch.device("cpu"))
         timing.append((name, n_float, time.perf_counter() - t))
@@ -128,7 +132,7 @@ def main() -> None:
         at2 = [r for r in rows if r[1] == 2.0]
         f = np.array([r[2] for r in at2])
         b = np.array([r[3] for r in at2])
-        print(f"{vname:<15} mean {f.mean():.3f} (goal <= 0.75)  per run " + ", ".join(f"{r[0]} {r[2]:.3f}/{r[3]:.3f}" for r in at2)
+        print(f"{vname:<17} mean {f.mean():.3f} (goal <= 0.75)  per run " + ", ".join(f"{r[0]} {r[2]:.3f}/{r[3]:.3f}" for r in at2)
               + f"  beats all on {int((b < 1).sum())}/{len(b)} runs")
     print("\n== fit time on CPU (ratio 2, default config)")
     store = synthetic_store(work, 4 * 2**20)

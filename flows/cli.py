@@ -69,7 +69,8 @@ def _fit_options(f):
     f = click.option("--seed", default=0, show_default=True, help="Seed of the per-chunk parameter sample.")(f)
     f = click.option("--sample", default=4096, show_default=True, help="Parameters sampled per chunk to fit it.")(f)
     f = click.option("--cuts", default=8, show_default=True, help="Calibration cuts (earlier points of the run used as examples).")(f)
-    f = click.option("--features", default="", help="Extra feature times as fractions of the way to the cut, e.g. '0.5,0.8' (default: the paper's w(s_0), w(s_c)).")(f)
+    f = click.option("--features", default="0.5,0.8", show_default=True,
+                     help="Extra feature times besides w(s_0), w(s_c), as fractions of the way to the cut; 'none' for the paper's two features.")(f)
     f = click.option("--lam", default=1.0, show_default=True, help="Weight of the deceleration regulariser.")(f)
     return f
 
@@ -77,7 +78,7 @@ def _fit_options(f):
 def _fit_config(lam, features, cuts, sample, seed):
     from farcast_core.forecaster import FitConfig
 
-    extra = tuple(float(x) for x in features.split(",") if x.strip())
+    extra = () if features.strip().lower() in ("", "none") else tuple(float(x) for x in features.split(",") if x.strip())
     return FitConfig(lam=lam, extra_features=extra, max_cuts=cuts, sample=sample, seed=seed)
 
 

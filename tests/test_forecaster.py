@@ -54,7 +54,7 @@ def test_exponential_decay_is_forecast_almost_exactly_with_the_feature_subset():
 def test_exponential_decay_with_the_papers_two_features_beats_persistence_and_chord():
     # [w(s_0), w(s_c)] cannot express how a decay slows down between cuts: close, not exact
     for rate in (0.5, 1.0):
-        r = backtest_series(exp_decay(rate), T, 2.0)
+        r = backtest_series(exp_decay(rate), T, 2.0, FitConfig(extra_features=()))
         assert r["farcast"] < 0.4 * r["persistence"] and r["farcast"] < 0.6 * r["chord"], (rate, r)
 
 
@@ -86,7 +86,7 @@ def test_regulariser_hand_computed():
 
 
 def horizon_speeds(W, lam):
-    fitted, plan = fit_series(W, T, 3.0, FitConfig(lam=lam, horizons=4, iters=300))
+    fitted, plan = fit_series(W, T, 3.0, FitConfig(lam=lam, horizons=4, iters=300, extra_features=()))
     feats = torch.stack([W[0], W[-1]], -1)
     pred = feats @ fitted.A[0] + fitted.b[0]  # (P, m)
     traj = torch.cat([W[-1:].T, pred], 1)
