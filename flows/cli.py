@@ -267,27 +267,14 @@ def serve(ckpt_dir, out, target_step, ratio, interval, cron, store, name, lam, f
 
 @main.command()
 @click.argument("out", default="farcast-demo", type=click.Path(file_okay=False))
-@click.option("--steps", default=60, show_default=True, help="Optimizer steps of the demo training run.")
-@click.option("--every", default=5, show_default=True, help="Save a checkpoint every this many steps.")
-def demo(out, steps, every) -> None:
-    """Train a small real model (digits MLP), save its checkpoints, ingest them into a store.
+@click.option("--steps", default=400, show_default=True, help="Optimizer steps of the plain training run.")
+@click.option("--every", default=20, show_default=True, help="A checkpoint every this many steps.")
+@click.option("--ratio", default=2.0, show_default=True, help="Forecast ratio: farcast sees steps/ratio steps.")
+def demo(out, steps, every, ratio) -> None:
+    """Train a small model with the HF Trainer, forecast it with the flow, resume from the forecast, plot."""
+    from flows.demo import run_demo
 
-    Forecasting and emitting (issues 3-5) are not built yet; this runs the part that is.
-    """
-    from pathlib import Path
-
-    from pipelines.demo import write_digits_run
-    from pipelines.ingest import ingest as run_ingest, store_summary
-
-    out = Path(out)
-    click.echo(f"training a digits MLP for {steps} steps, a checkpoint every {every} ...")
-    run = write_digits_run(out / "checkpoints", steps=steps, every=every)
-    r = run_ingest(run, out / "store")
-    s = store_summary(out / "store")
-    click.echo(f"ingested {len(r.added)} new step(s); the store holds steps {s['steps']}: "
-               f"{s['tensors']} tensors, {s['float_values']} forecastable values")
-    click.echo(f"checkpoints: {run}\nstore:       {out / 'store'}")
-    click.echo("next: forecasting and emitting a checkpoint are not built yet (issues 3-5)")
+    run_demo(out, steps, every, ratio, echo=lambda m: click.echo(m))
 
 
 if __name__ == "__main__":

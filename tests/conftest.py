@@ -13,6 +13,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for every flow test (about 20 s to start)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 def digits_states(steps: int = 12, every: int = 3, dtype: torch.dtype = torch.float32, seed: int = 0):
     """A digits MLP trained for real with Adam: [(step, state_dict)] every ``every`` steps, from 0."""
     from pipelines.demo import train_digits

@@ -15,15 +15,6 @@ from pipelines.ingest import ingest
 ANY = {"allow_worse": True}
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    """One temporary Prefect server for every flow test (about 20 s to start)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     return write_digits_run(tmp_path_factory.mktemp("flowrun") / "run", steps=60, every=5, optimizer="adam", lr=1e-3, hidden=96)
