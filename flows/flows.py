@@ -99,16 +99,6 @@ def emit_task(store: str, out: str, target_step: int, fit_config: dict, emit_con
 # ------------------------------------------------------------------ flows
 
 
-def _backtest_artifact(report: dict) -> None:
-    p = report["methods"]["persistence"]["mae"]
-    create_table_artifact(
-        key="farcast-backtest",
-        table=[{"method": m, "mae": report["methods"][m]["mae"], "vs_persistence": report["methods"][m]["mae"] / p if p else None}
-               for m in METHODS],
-        description=f"Backtest: fitted up to step {report['backtest_from']}, forecast step {report['backtest_target']:.6g}",
-    )
-
-
 # Stage bodies: plain functions that call tasks, so they run on whichever flow's task runner.
 
 
