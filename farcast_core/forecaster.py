@@ -29,7 +29,7 @@ class FitConfig:
     extra_features: tuple[float, ...] = (0.5, 0.8)
     linefit_k: int = 4  # checkpoints in the per-weight line-fit baseline
     seed: int = 0  # seeds the parameter sample of each chunk
-    batch_chunks: int = 256  # chunks fitted together in one batched problem (bounds memory)
+    batch_chunks: int = 32  # chunks fitted together in one batched problem: ~8 MiB per chunk on the CPU (raise on a GPU)
 
     def to_json(self) -> dict:
         d = asdict(self)

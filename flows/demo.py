@@ -31,6 +31,11 @@ def _fresh(out: Path) -> None:
 def run_demo(out: str | os.PathLike = "farcast-demo", steps: int = 400, every: int = 20, ratio: float = 2.0,
              echo: Callable[[str], None] = print) -> dict:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    import importlib.util
+
+    missing = [m for m in ("sklearn", "transformers", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise FarcastError(f"farcast demo needs {', '.join(missing)}: pip install 'farcast[demo]' (make demo does)")
     from flows.flows import farcast_flow
     from pipelines import demo
     from pipelines.backtest import format_table
