@@ -7,38 +7,41 @@ Zarr has no bfloat16 or float8, so those are stored as their exact bit patterns
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+
+# torch is imported where a tensor is made, not here: ingesting safetensors files needs only
+# numpy, and `import torch` alone costs ~2 s on a small machine.
 
 
 @dataclass(frozen=True)
 class DType:
     name: str  # canonical name, as torch spells it without the prefix: "bfloat16"
-    torch: torch.dtype
     storage: np.dtype  # what the Zarr array holds
     is_float: bool  # float tensors are forecast; everything else is copied
 
+    @property
+    def torch(self):
+        import torch
 
-def _table() -> dict[str, DType]:
-    rows = [
-        ("float64", torch.float64, np.float64, True),
-        ("float32", torch.float32, np.float32, True),
-        ("float16", torch.float16, np.float16, True),
-        ("bfloat16", torch.bfloat16, np.uint16, True),
-        ("int64", torch.int64, np.int64, False),
-        ("int32", torch.int32, np.int32, False),
-        ("int16", torch.int16, np.int16, False),
-        ("int8", torch.int8, np.int8, False),
-        ("uint8", torch.uint8, np.uint8, False),
-        ("bool", torch.bool, np.bool_, False),
+        return getattr(torch, self.name)
+
+
+DTYPES: dict[str, DType] = {
+    n: DType(n, np.dtype(s), f)
+    for n, s, f in [
+        ("float64", np.float64, True),
+        ("float32", np.float32, True),
+        ("float16", np.float16, True),
+        ("bfloat16", np.uint16, True),  # bit patterns: zarr has no bfloat16
+        ("float8_e4m3fn", np.uint8, True),
+        ("float8_e5m2", np.uint8, True),
+        ("int64", np.int64, False),
+        ("int32", np.int32, False),
+        ("int16", np.int16, False),
+        ("int8", np.int8, False),
+        ("uint8", np.uint8, False),
+        ("bool", np.bool_, False),
     ]
-    for fp8 in ("float8_e4m3fn", "float8_e5m2"):
-        if hasattr(torch, fp8):  # fp8 exists only in newer torch builds
-            rows.append((fp8, getattr(torch, fp8), np.uint8, True))
-    return {n: DType(n, t, np.dtype(s), f) for n, t, s, f in rows}
-
-
-DTYPES: dict[str, DType] = _table()
-_BY_TORCH = {d.torch: d for d in DTYPES.values()}
+}
 
 # safetensors header spelling -> canonical name
 SAFETENSORS_DTYPES = {
@@ -47,14 +50,27 @@ SAFETENSORS_DTYPES = {
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }
 
+# values whose bits under this mask are all ones are NaN or Inf, per bit-stored dtype
+_NONFINITE_MASK = {"bfloat16": 0x7F80, "float8_e4m3fn": 0x7F, "float8_e5m2": 0x7C}
 
-def dtype_of(t: torch.dtype) -> DType:
+
+def dtype_of(t) -> DType:
     """The DType row of a torch dtype; an unsupported dtype raises KeyError."""
-    return _BY_TORCH[t]
+    return DTYPES[str(t).removeprefix("torch.")]
 
 
-def to_storage(t: torch.Tensor) -> np.ndarray:
+def nonfinite(values: np.ndarray, name: str) -> bool:
+    """Whether stored values of a float tensor hold NaN or Inf (from the bits for bf16/fp8)."""
+    mask = _NONFINITE_MASK.get(name)
+    if mask is None:
+        return not bool(np.isfinite(values).all())
+    return bool(((values & mask) == mask).any())
+
+
+def to_storage(t) -> np.ndarray:
     """A tensor's exact values as the numpy array the store holds (bit patterns for bf16/fp8)."""
+    import torch
+
     d = dtype_of(t.dtype)
     t = t.detach().cpu().contiguous()
     if d.storage.kind == "u" and d.is_float:  # bf16 / fp8: reinterpret bits
@@ -63,8 +79,10 @@ def to_storage(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def from_storage(a: np.ndarray, name: str) -> torch.Tensor:
+def from_storage(a: np.ndarray, name: str):
     """Inverse of ``to_storage``: the exact source-dtype tensor for stored values."""
+    import torch
+
     d = DTYPES[name]
     a = np.ascontiguousarray(a)
     if d.storage.kind == "u" and d.is_float:
@@ -73,7 +91,9 @@ def from_storage(a: np.ndarray, name: str) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
-def widen(a: np.ndarray, name: str) -> torch.Tensor:
+def widen(a: np.ndarray, name: str):
     """Stored values of a float tensor as exact float32 (float64 stays float64)."""
+    import torch
+
     t = from_storage(a, name)
     return t if t.dtype == torch.float64 else t.to(torch.float32)

@@ -15,11 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
-
 from farcast_core.chunks import plan
-from farcast_core.dtypes import DTYPES, widen
+from farcast_core.dtypes import DTYPES, nonfinite
 from farcast_core.errors import SequenceMismatchError, StoreError
 from storage.checkpoints import Checkpoint, TensorInfo, discover, open_checkpoint
 from storage.store import RunStore, TensorMeta, array_path
@@ -101,12 +98,12 @@ def ingest(
     row = len(have)
     with ThreadPoolExecutor(max(1, config.workers)) as pool:
         for i, c in enumerate(new):
-            nonfinite, nbytes = _write_step(c, row, store, config, pool)
-            store.commit({"step": c.step, "sources": [str(f) for f in c.files], "nonfinite": nonfinite})
+            flagged, nbytes = _write_step(c, row, store, config, pool)
+            store.commit({"step": c.step, "sources": [str(f) for f in c.files], "nonfinite": flagged})
             report.added.append(c.step)
             report.bytes_written += nbytes
-            if nonfinite:
-                report.nonfinite[c.step] = nonfinite
+            if flagged:
+                report.nonfinite[c.step] = flagged
             row += 1
             if on_step:
                 on_step(c.step, i + 1, len(new))
@@ -162,12 +159,6 @@ def _check_same(c: Checkpoint, info: dict[str, TensorInfo], expected: dict[str, 
             )
 
 
-def _nonfinite(values: np.ndarray, dtype: str) -> bool:
-    if values.dtype.kind == "f":
-        return not bool(np.isfinite(values).all())
-    return not bool(torch.isfinite(widen(values, dtype)).all())
-
-
 def _write_step(c: Checkpoint, row: int, store: RunStore, config: IngestConfig, pool) -> tuple[list[str], int]:
     """Copy one checkpoint into row ``row``, chunk by chunk; returns (tensors with NaN/Inf, bytes)."""
     metas = list(store.tensors.values())
@@ -177,19 +168,19 @@ def _write_step(c: Checkpoint, row: int, store: RunStore, config: IngestConfig, 
             m, i = job
             a, b = m.plan.bounds(i)
             values = reader.read(m.name, a, b)
-            bad = m.kind == "float" and _nonfinite(values, m.dtype)
+            bad = m.kind == "float" and nonfinite(values, m.dtype)
             store.write(m.name, row, a, values)
             return m.name, bad, values.nbytes
 
         jobs = [(m, i) for m in metas for i in range(m.plan.n_chunks)]
-        nonfinite, nbytes = set(), 0
+        flagged, nbytes = set(), 0
         # DCP readers load whole tensors and keep one: feed them one tensor at a time.
         results = map(one, jobs) if c.kind == "dcp" else pool.map(one, jobs)
         for name, bad, n in results:
             nbytes += n
             if bad:
-                nonfinite.add(name)
-    return sorted(nonfinite), nbytes
+                flagged.add(name)
+    return sorted(flagged), nbytes
 
 
 def default_store(ckpt_dir: str | os.PathLike) -> Path:

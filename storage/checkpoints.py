@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from farcast_core.dtypes import DTYPES, SAFETENSORS_DTYPES, dtype_of, to_storage
 from farcast_core.errors import CheckpointError
@@ -303,8 +302,10 @@ class SafetensorsReader(CheckpointReader):
         self._fds = {}
 
 
-def _state_dict_of(obj, path: Path) -> dict[str, torch.Tensor]:
+def _state_dict_of(obj, path: Path) -> dict:
     """The tensors of a torch pickle: a raw state dict, or one under state_dict/model."""
+    import torch
+
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "module"):
             inner = obj.get(key)
@@ -336,6 +337,8 @@ class TorchReader(CheckpointReader):
 
     @staticmethod
     def _load(path: Path, allow_pickle: bool):
+        import torch
+
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in the shard index but missing; {_DAMAGED}")
         try:
@@ -381,10 +384,11 @@ class DCPReader(CheckpointReader):
                 except KeyError as e:
                     raise CheckpointError(f"{path}: tensor '{name}': unsupported dtype {m.properties.dtype}") from e
                 self.tensors[name] = TensorInfo(name, tuple(m.size), dtype, str(path))
-        self._cached: tuple[str, torch.Tensor] | None = None
+        self._cached = None  # (name, tensor): one whole tensor at a time
 
-    def _tensor(self, name: str) -> torch.Tensor:
+    def _tensor(self, name: str):
         if self._cached is None or self._cached[0] != name:
+            import torch
             import torch.distributed.checkpoint as dcp
 
             info = self.tensors[name]

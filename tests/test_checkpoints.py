@@ -186,3 +186,32 @@ def test_corrupt_torch_file_and_pickle_refusal(tmp_path, digits):
 
 def test_errors_share_one_root_and_builtin():
     assert issubclass(CheckpointError, FarcastError) and issubclass(CheckpointError, ValueError)
+
+
+def test_nonfinite_from_bits():
+    from farcast_core.dtypes import nonfinite, to_storage
+
+    for dtype in ("bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2"):
+        if not hasattr(torch, dtype):
+            continue
+        ok = torch.tensor([0.0, -1.5, 2.0, 448.0 if "e4m3" in dtype else 3.0]).to(getattr(torch, dtype))
+        assert not nonfinite(to_storage(ok), dtype), dtype
+        bad = torch.tensor([1.0, float("nan")]).to(getattr(torch, dtype))
+        assert nonfinite(to_storage(bad), dtype), dtype
+        if dtype != "float8_e4m3fn":  # e4m3fn has no infinity
+            inf = torch.tensor([1.0, float("-inf")]).to(getattr(torch, dtype))
+            assert nonfinite(to_storage(inf), dtype), dtype
+
+
+def test_ingesting_safetensors_does_not_import_torch(safetensors_run, tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from pipelines.ingest import ingest\n"
+        "ingest(%r, %r)\n"
+        "print('torch' in sys.modules)\n" % (str(__import__('pathlib').Path(__file__).resolve().parents[1]), str(safetensors_run), str(tmp_path / "s"))
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
