@@ -19,6 +19,7 @@ committed ones are leftovers of an interrupted ingest and are overwritten by the
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -195,7 +196,38 @@ class RunStore:
 
     def write(self, name: str, row: int, start: int, values: np.ndarray) -> None:
         """Write values [start, start+len) of one row; callers own whole chunks."""
-        self.array(name)[row, start : start + values.size] = values
+        path = self._chunk_file(name, row, start, values)
+        if path is None:
+            self.array(name)[row, start : start + values.size] = values
+            return
+        # Local store, uncompressed: write the chunk's bytes exactly as zarr would, ~5x faster
+        # than zarr's write path here. Temporary name, then rename, as zarr's LocalStore does.
+        m = self.tensors[name]
+        if values.size < m.chunk:  # zarr keeps edge chunks full size, padded with the fill value
+            values = np.concatenate([values, np.zeros(m.chunk - values.size, dtype=values.dtype)])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+        with open(tmp, "wb") as f:
+            f.write(memoryview(np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<"), copy=False))).cast("B"))
+        os.replace(tmp, path)
+
+    def _chunk_file(self, name: str, row: int, start: int, values: np.ndarray) -> Path | None:
+        """The chunk file to write directly, or None where zarr's own write path is needed."""
+        if not _is_local(self.url):
+            return None
+        m = self.tensors[name]
+        if start % m.chunk or values.size > m.chunk:
+            return None
+        meta = self.array(name).metadata
+        plain = (
+            [type(c).__name__ for c in meta.codecs] == ["BytesCodec"]
+            and "big" not in str(getattr(meta.codecs[0], "endian", ""))
+            and getattr(meta.chunk_key_encoding, "separator", None) == "/"
+            and type(meta.chunk_key_encoding).__name__ == "DefaultChunkKeyEncoding"
+        )
+        if not plain:
+            return None
+        return _local_path(self.url) / m.path / "c" / str(row) / str(start // m.chunk)
 
     def read(
         self, name: str, rows: list[int] | slice, start: int = 0, stop: int | None = None, cols: np.ndarray | None = None

@@ -214,3 +214,28 @@ def test_killed_mid_ingest_loses_nothing_and_duplicates_nothing(safetensors_run,
     r = ingest(safetensors_run, store)
     assert r.added == [6, 9, 12] and r.present == [0, 3]
     store_equals_sources(RunStore.open(store), discover(safetensors_run).checkpoints)
+
+
+def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path):
+    """The local fast path writes each chunk file exactly as zarr's own write path does."""
+    import zarr
+
+    run = tmp_path / "run"
+    run.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for step in (0, 1):  # 10000 values in 4096-value chunks: the last chunk is an edge chunk
+        save_file({"w": torch.randn(10000, generator=g).to(torch.bfloat16), "b": torch.randn(7, generator=g)},
+                  run / f"step_{step}.safetensors")
+    ingest(run, tmp_path / "store", SMALL)
+    store = RunStore.open(tmp_path / "store")
+    for name in ("w", "b"):
+        m = store.tensors[name]
+        ref = zarr.open_group(str(tmp_path / "ref"), mode="a", zarr_format=3).create_array(
+            name, shape=(2, m.numel), chunks=(1, m.chunk), dtype=store.array(name).dtype, fill_value=0,
+            compressors=None, overwrite=True)
+        ref[:, :] = store.read(name, [0, 1])
+        for row in (0, 1):
+            for i in range(m.plan.n_chunks):
+                ours = (tmp_path / "store" / m.path / "c" / str(row) / str(i)).read_bytes()
+                theirs = (tmp_path / "ref" / name / "c" / str(row) / str(i)).read_bytes()
+                assert ours == theirs, (name, row, i)
