@@ -255,6 +255,14 @@ def serve(ckpt_dir, out, target_step, ratio, interval, cron, store, name, lam, f
         raise ForecastError("give exactly one of --interval or --cron")
     if (target_step is None) == (ratio is None):
         raise ForecastError("give exactly one of --target-step or --ratio")
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        # Prefect's temporary server runs no scheduler: served schedules would never fire
+        raise ForecastError(
+            "farcast serve needs a Prefect server for its schedule: run 'prefect server start' elsewhere, then "
+            "export PREFECT_API_URL=http://127.0.0.1:4200/api and rerun"
+        )
     from prefect import serve as prefect_serve
 
     from flows.flows import make_deployment

@@ -13,7 +13,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline ma
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # 20 s default is too short on 2 cores
 
 import torch  # noqa: E402
-from prefect import flow, task, unmapped  # noqa: E402
+from prefect import flow, get_run_logger, task, unmapped  # noqa: E402
 from prefect.artifacts import (  # noqa: E402
     create_markdown_artifact,
     create_progress_artifact,
@@ -171,6 +171,7 @@ def farcast_flow(ckpt_dir: str, out: str, target_step: int | None = None, ratio:
     store = store or str(ingest_mod.default_store(ckpt_dir))
     ingested = ingest_task(ckpt_dir, store, allow_pickle)
     if only_if_new and not ingested["added"]:
+        get_run_logger().info("no new checkpoint in %s since step %s: nothing to do", ckpt_dir, max(ingested["present"]))
         return {"status": "nothing new", "steps": ingested["present"], "store": store}
     emit_cfg = {"allow_pickle": allow_pickle, **(emit_config or {})}
     if only_if_new:

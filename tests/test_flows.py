@@ -93,9 +93,12 @@ def test_serve_deployment_schedule_and_nothing_new(prefect_harness, run_dir, tmp
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == written
 
 
-def test_serve_command_refuses_bad_schedules(tmp_path):
+def test_serve_command_refuses_bad_schedules(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["serve", str(tmp_path), "--out", str(tmp_path / "o"), "--ratio", "2"])
     assert r.exit_code == 2 and "exactly one of --interval or --cron" in r.stderr
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    r = CliRunner().invoke(main, ["serve", str(tmp_path), "--out", str(tmp_path / "o"), "--ratio", "2", "--interval", "60"])
+    assert r.exit_code == 2 and "prefect server start" in r.stderr
 
 
 def test_artifacts_are_created(prefect_harness, run_dir, tmp_path):
