@@ -83,18 +83,18 @@ def emit(
     if missing:
         raise StoreError(f"{missing[0]}: the newest ingested checkpoint's files are gone (rotated?); rerun 'farcast ingest'")
 
+    if forecasters is not None and (forecasters.steps != store.steps or abs(forecasters.rho - rho) > 1e-9):
+        raise ForecastError(
+            f"the forecasters were fitted for ratio {forecasters.rho:.4g} on steps {forecasters.steps[0]}..{forecasters.steps[-1]}, "
+            f"not ratio {rho:.4g} on steps {store.steps[0]}..{store.steps[-1]}; refit with 'farcast fit'"
+        )
     report = report or backtest(store.url, target_step=target, config=fit_config)
     f, p = report["methods"]["farcast"]["mae"], report["methods"]["persistence"]["mae"]
     if not f < p and not config.allow_worse:
         raise ForecastError(
             f"the backtest says the forecast is worse than keeping the newest weights: farcast MAE {f:.4e} vs "
             f"persistence MAE {p:.4e} (ratio {report['farcast_vs_persistence']:.3f}); not emitted. "
-            "Try a smaller ratio or --features 0.5,0.8, or pass --allow-worse to emit anyway"
-        )
-    if forecasters is not None and (forecasters.steps != store.steps or abs(forecasters.rho - rho) > 1e-9):
-        raise ForecastError(
-            f"the forecasters were fitted for ratio {forecasters.rho:.4g} on steps {forecasters.steps[0]}..{forecasters.steps[-1]}, "
-            f"not ratio {rho:.4g} on steps {store.steps[0]}..{store.steps[-1]}; refit with 'farcast fit'"
+            "Try a smaller ratio, or pass --allow-worse to emit anyway"
         )
     fc = forecasters or fit_store(store, len(store.steps), rho, fit_config)
     fit_config = fc.config
@@ -123,14 +123,14 @@ def emit(
         if side is not None and side.exists() and not config.force:
             raise StoreError(f"{side}: already exists; pass --force to replace it, or choose another --out")
         with writers.StagedOutput(final, config.force) as staged:
-            files = _emit_file(ctx, src, staged.tmp)
+            _write_weights(ctx, src, staged.tmp)
+            files = [final.name]
             if side is not None:
                 with writers.StagedOutput(side, True) as side_staged:
                     _stream_all(ctx, side_staged.tmp)
                     side_staged.commit()
                 files.append(side.name)
             path = staged.commit()
-            files.insert(0, final.name)
     return EmitResult(path, target, report, files)
 
 
@@ -231,6 +231,7 @@ def _emit_dir(ctx: _Ctx, src_dir: Path, dst: Path, sources: list[Path], dcp: boo
     """A step directory like ``src_dir`` holding the forecast; returns the files written."""
     dst.mkdir(parents=True)
     weight_names = {p.name for p in sources} | set(HF_INDEXES)
+    lr_factor = _hf_lr_factor(ctx, src_dir)
     written = []
     for p in sorted(src_dir.iterdir()):
         if dcp and (p.suffix == ".distcp" or p.name == ".metadata"):
@@ -240,10 +241,10 @@ def _emit_dir(ctx: _Ctx, src_dir: Path, dst: Path, sources: list[Path], dcp: boo
         if p.is_dir():
             shutil.copytree(p, dst / p.name)
         elif p.name in OPTIMIZER_FILES:
-            _write_optimizer(ctx, p, dst / p.name, _hf_lr_factor(ctx, src_dir))
+            _write_optimizer(ctx, p, dst / p.name, lr_factor)
         elif p.name in SCHEDULER_FILES:
             sched = writers.load_torch(p, ctx.config.allow_pickle)
-            _advance_scheduler(sched, ctx.newest_step, ctx.target, _hf_lr_factor(ctx, src_dir))
+            _advance_scheduler(sched, ctx.newest_step, ctx.target, lr_factor)
             writers.save_torch(sched, dst / p.name)
         elif p.name == "trainer_state.json":
             state = json.loads(p.read_text())
@@ -261,10 +262,7 @@ def _emit_dir(ctx: _Ctx, src_dir: Path, dst: Path, sources: list[Path], dcp: boo
         written += [".metadata", "forecast.safetensors"]
         return written
     for src in sources:
-        if src.suffix == ".safetensors":
-            _stream_file(ctx, src, dst / src.name)
-        else:
-            _write_torch(ctx, src, dst / src.name)
+        _write_weights(ctx, src, dst / src.name)
         written.append(src.name)
     for index in HF_INDEXES:
         if (src_dir / index).is_file():
@@ -281,12 +279,12 @@ def _emit_dir(ctx: _Ctx, src_dir: Path, dst: Path, sources: list[Path], dcp: boo
     return written
 
 
-def _emit_file(ctx: _Ctx, src: Path, dst: Path) -> list[str]:
+def _write_weights(ctx: _Ctx, src: Path, dst: Path) -> None:
+    """``src``'s weights file, same format, holding the forecast."""
     if src.suffix == ".safetensors":
         _stream_file(ctx, src, dst)
     else:
         _write_torch(ctx, src, dst)
-    return []
 
 
 def _write_torch(ctx: _Ctx, src: Path, dst: Path) -> None:
