@@ -192,19 +192,4 @@ def default_store(ckpt_dir: str | os.PathLike) -> Path:
     return base / "stores" / f"{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:10]}"
 
 
-def store_summary(store_url: str | os.PathLike) -> dict:
-    """What a store holds, for printing: steps, tensors, forecastable values."""
-    store = RunStore.open(store_url)
-    metas = store.tensors.values()
-    return {
-        "store": str(store_url),
-        "source": store.source,
-        "layout": store.layout,
-        "steps": store.steps,
-        "tensors": len(metas),
-        "float_values": sum(m.numel for m in metas if m.kind == "float"),
-        "config": store.config,
-    }
-
-
-__all__ = ["IngestConfig", "IngestReport", "default_store", "ingest", "store_summary"]
+__all__ = ["IngestConfig", "IngestReport", "default_store", "ingest"]

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -132,7 +132,3 @@ class StagedOutput:
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is not None:
             self.abort()
-
-
-def iter_files(d: Path) -> Iterator[Path]:
-    return (p for p in sorted(d.iterdir()) if p.is_file())

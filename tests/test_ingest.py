@@ -1,7 +1,6 @@
 """checkpoint dir -> Zarr store: exact round trip, incremental, idempotent, validated, crash safe."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
