@@ -30,6 +30,11 @@ class FitConfig:
     linefit_k: int = 4  # checkpoints in the per-weight line-fit baseline
     seed: int = 0  # seeds the parameter sample of each chunk
     batch_chunks: int = 32  # chunks fitted together in one batched problem: ~8 MiB per chunk on the CPU (raise on a GPU)
+    # Time axis (farcast_core.timeaxis): "auto" takes cumulative learning rate ("lr") whenever the
+    # schedule is known, else global steps; "steps" or "lr" force one. schedule: a stated schedule
+    # {name, peak_lr, warmup, total, options}, preferred over what the checkpoints recorded.
+    axis: str = "auto"
+    schedule: dict | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -174,6 +179,8 @@ class Forecasters:
     feature_ratios: tuple[float, ...]  # feature times as fractions of t_c - t_0: (0, ..., 1)
     steps: list[int]  # the observed steps they were fitted on
     excluded: list[str] = field(default_factory=list)  # float tensors not forecast (NaN/Inf seen)
+    times: list[float] | None = None  # the steps on the time axis used (None: the steps themselves)
+    axis: dict | None = None  # that axis (TimeAxis.to_json())
 
     def row(self) -> dict[tuple[str, int], int]:
         return {k: i for i, k in enumerate(self.keys)}

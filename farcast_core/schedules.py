@@ -33,6 +33,8 @@ def multiplier(name: str, step: int, warmup: int = 0, total: int | None = None, 
         return 1.0 / math.sqrt((step + timescale - warmup) / timescale)
     if name == "warmup_stable_decay":
         return _wsd(step, warmup, total, **kw)
+    if name in TORCH:
+        return TORCH[name](step, **kw)
     if total is None:
         raise ValueError(f"schedule {name!r} needs the total number of training steps")
     if step < warmup:
@@ -72,6 +74,19 @@ def _wsd(step, warmup, total, num_decay_steps, num_stable_steps=None, warmup_typ
     return min_lr_ratio
 
 
+# torch.optim.lr_scheduler classes stepped once per optimizer step (what Lightning saves), by their
+# state-dict fields; the multiplier is on the group's base learning rate. eta_min is relative here.
+TORCH = {
+    "torch_cosine_annealing": lambda s, T_max, eta_min_ratio=0.0, **_: (
+        eta_min_ratio + (1.0 - eta_min_ratio) * (1.0 + math.cos(math.pi * s / T_max)) / 2.0),
+    "torch_linear": lambda s, start_factor, end_factor, total_iters, **_: (
+        start_factor + (end_factor - start_factor) * min(s, total_iters) / max(1, total_iters)),
+    "torch_constant": lambda s, factor, total_iters, **_: factor if s < total_iters else 1.0,
+    "torch_exponential": lambda s, gamma, **_: gamma**s,
+    "torch_step": lambda s, step_size, gamma, **_: gamma ** (s // step_size),
+}
+
+
 @dataclass(frozen=True)
 class Schedule:
     """A stated schedule: name, peak learning rate, warm-up and total steps, extra options."""
@@ -81,6 +96,24 @@ class Schedule:
     warmup: int = 0
     total: int | None = None
     options: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "peak_lr": self.peak_lr, "warmup": self.warmup, "total": self.total,
+                "options": dict(self.options)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Schedule":
+        return cls(d["name"], float(d.get("peak_lr") or 1.0), int(d.get("warmup") or 0),
+                   None if d.get("total") is None else int(d["total"]), dict(d.get("options") or {}))
+
+    def describe(self) -> str:
+        parts = [self.name, f"peak lr {self.peak_lr:.4g}"]
+        if self.warmup:
+            parts.append(f"warm-up {self.warmup}")
+        if self.total is not None:
+            parts.append(f"{self.total} steps")
+        parts += [f"{k}={v}" for k, v in self.options.items() if k != "lr_init"]
+        return ", ".join(parts)
 
     def lr(self, steps) -> np.ndarray:
         """Learning rate set at each step (the optimizer step number s + 1 uses lr(s))."""

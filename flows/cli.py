@@ -60,7 +60,7 @@ def ingest(ckpt_dir, store, memory_budget_mb, allow_pickle, workers, as_json) ->
 
 
 def _target_options(f):
-    f = click.option("--ratio", type=float, help="Target as a ratio R: step s_0 + R (s_n - s_0).")(f)
+    f = click.option("--ratio", type=float, help="Target as a ratio R on the time axis: t_0 + R (t_n - t_0) (in steps on the steps axis).")(f)
     f = click.option("--target-step", type=int, help="Target global step S (after the newest checkpoint).")(f)
     return f
 
@@ -72,14 +72,44 @@ def _fit_options(f):
     f = click.option("--features", default="0.5,0.8", show_default=True,
                      help="Extra feature times besides w(s_0), w(s_c), as fractions of the way to the cut; 'none' for the paper's two features.")(f)
     f = click.option("--lam", default=1.0, show_default=True, help="Weight of the deceleration regulariser.")(f)
+    f = click.option("--schedule-option", "schedule_options", multiple=True, metavar="KEY=VALUE",
+                     help="Extra parameter of the stated schedule, e.g. num_cycles=2, power=2, num_decay_steps=100 (repeatable).")(f)
+    f = click.option("--total-steps", type=int, help="The stated schedule's total training steps (the Trainer's max_steps).")(f)
+    f = click.option("--warmup-steps", type=int, default=0, show_default=True, help="The stated schedule's warm-up steps.")(f)
+    f = click.option("--peak-lr", type=float, help="The stated schedule's peak learning rate (only its shape matters).")(f)
+    f = click.option("--schedule", "schedule_name", metavar="NAME",
+                     help="State the learning-rate schedule (a transformers name: linear, cosine, constant, "
+                          "constant_with_warmup, polynomial, inverse_sqrt, cosine_with_restarts, warmup_stable_decay) "
+                          "instead of reading it from the checkpoints.")(f)
+    f = click.option("--axis", type=click.Choice(["auto", "steps", "lr"]), default="auto", show_default=True,
+                     help="Time axis: steps, or lr (cumulative learning rate); auto takes lr whenever the schedule is known.")(f)
     return f
 
 
-def _fit_config(lam, features, cuts, sample, seed):
+def _fit_config(lam, features, cuts, sample, seed, axis="auto", schedule_name=None, peak_lr=None, warmup_steps=0,
+                total_steps=None, schedule_options=()):
+    from farcast_core.errors import ForecastError
     from farcast_core.forecaster import FitConfig
+    from farcast_core.timeaxis import stated_schedule
 
     extra = () if features.strip().lower() in ("", "none") else tuple(float(x) for x in features.split(",") if x.strip())
-    return FitConfig(lam=lam, extra_features=extra, max_cuts=cuts, sample=sample, seed=seed)
+    schedule = None
+    if schedule_name:
+        opts = {}
+        for kv in schedule_options:
+            key, eq, value = kv.partition("=")
+            if not eq:
+                raise ForecastError(f"--schedule-option wants KEY=VALUE, got {kv!r}")
+            try:
+                opts[key.strip()] = json.loads(value)
+            except ValueError:
+                opts[key.strip()] = value
+        schedule = {"name": schedule_name, "peak_lr": peak_lr or 1.0, "warmup": warmup_steps, "total": total_steps,
+                    "options": opts}
+        stated_schedule(schedule)  # refuse an unusable schedule before any work
+    elif peak_lr is not None or total_steps is not None or schedule_options:
+        raise ForecastError("--peak-lr, --total-steps and --schedule-option describe a stated schedule: add --schedule NAME")
+    return FitConfig(lam=lam, extra_features=extra, max_cuts=cuts, sample=sample, seed=seed, axis=axis, schedule=schedule)
 
 
 def _as_store(path: str, store: str | None) -> str:
@@ -102,14 +132,17 @@ def _as_store(path: str, store: str | None) -> str:
 @_target_options
 @click.option("--out", type=click.Path(dir_okay=False), help="Forecaster file (default: beside the store).")
 @_fit_options
-def fit(store, target_step, ratio, out, lam, features, cuts, sample, seed) -> None:
+def fit(store, target_step, ratio, out, **fit_opts) -> None:
     """Fit the forecasters of STORE for a target and save them (A, b per chunk, and the config)."""
     from pipelines.fit import fit as run_fit
 
     def progress(done, total):
         click.echo(f"  fitted batch {done}/{total}", err=True)
 
-    fc, path, target = run_fit(store, target_step, ratio, _fit_config(lam, features, cuts, sample, seed), out, progress)
+    fc, path, target = run_fit(store, target_step, ratio, _fit_config(**fit_opts), out, progress)
+    from farcast_core.timeaxis import TimeAxis
+
+    click.echo(TimeAxis.from_json(fc.axis).describe())
     click.echo(f"fitted {len(fc.keys)} chunk forecasters for step {target} (ratio {fc.rho:.4g}) on steps "
                f"{fc.steps[0]}..{fc.steps[-1]} -> {path}")
     if fc.excluded:
@@ -124,14 +157,14 @@ def fit(store, target_step, ratio, out, lam, features, cuts, sample, seed) -> No
 @click.option("--per-tensor", is_flag=True, help="Also print the MAE of every tensor.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_fit_options
-def backtest(ckpt_dir_or_store, target_step, ratio, store, forecaster, per_tensor, as_json, lam, features, cuts, sample, seed) -> None:
+def backtest(ckpt_dir_or_store, target_step, ratio, store, forecaster, per_tensor, as_json, **fit_opts) -> None:
     """Backtest the farcaster against the baselines on a run (a checkpoint dir or a store)."""
     from pipelines.backtest import backtest as run_backtest, format_table
     from storage.artifacts import load_forecasters
 
     store = _as_store(ckpt_dir_or_store, store)
     fc = load_forecasters(forecaster)[0] if forecaster else None
-    report = run_backtest(store, target_step, ratio, _fit_config(lam, features, cuts, sample, seed), fc)
+    report = run_backtest(store, target_step, ratio, _fit_config(**fit_opts), fc)
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -169,14 +202,14 @@ def _print_emitted(result, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_fit_options
 @click.option("--forecaster", type=click.Path(exists=True, dir_okay=False), help="Use forecasters saved by 'farcast fit' instead of fitting.")
-def emit(store, target_step, ratio, out, optimizer, force, allow_worse, allow_pickle, as_json, lam, features, cuts, sample, seed, forecaster) -> None:
+def emit(store, target_step, ratio, out, optimizer, force, allow_worse, allow_pickle, as_json, forecaster, **fit_opts) -> None:
     """Write the forecast checkpoint of STORE's run at the target step, in the run's own layout."""
     from pipelines.emit import EmitConfig, emit as run_emit
     from storage.artifacts import load_forecasters
 
     cfg = EmitConfig(optimizer=optimizer, force=force, allow_worse=allow_worse, allow_pickle=allow_pickle)
     fc = load_forecasters(forecaster)[0] if forecaster else None
-    fit_cfg = fc.config if fc else _fit_config(lam, features, cuts, sample, seed)
+    fit_cfg = fc.config if fc else _fit_config(**fit_opts)
     result = run_emit(store, out, target_step, ratio, fit_cfg, cfg, forecasters=fc)
     _print_emitted(result, as_json)
 
@@ -194,12 +227,12 @@ def emit(store, target_step, ratio, out, optimizer, force, allow_worse, allow_pi
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_fit_options
 def run(ckpt_dir, target_step, ratio, out, optimizer, force, allow_worse, store, runner, dask_address, workers, direct,
-        allow_pickle, as_json, lam, features, cuts, sample, seed) -> None:
+        allow_pickle, as_json, **fit_opts) -> None:
     """The whole job: ingest CKPT_DIR, fit, backtest, emit the forecast checkpoint into OUT (a Prefect flow)."""
     from pipelines.ingest import default_store
 
     store = store or str(default_store(ckpt_dir))
-    fit_cfg = _fit_config(lam, features, cuts, sample, seed)
+    fit_cfg = _fit_config(**fit_opts)
     emit_cfg = dict(optimizer=optimizer, force=force, allow_worse=allow_worse, allow_pickle=allow_pickle)
     if direct:
         from pipelines.emit import EmitConfig, emit as run_emit
@@ -247,7 +280,7 @@ def _quiet_flow(f, quiet: bool):
 @click.option("--store", help="The run's Zarr store (default: a per-run store under ~/.cache/farcast).")
 @click.option("--name", help="Deployment name (default: farcast-<run dir name>).")
 @_fit_options
-def serve(ckpt_dir, out, target_step, ratio, interval, cron, store, name, lam, features, cuts, sample, seed) -> None:
+def serve(ckpt_dir, out, target_step, ratio, interval, cron, store, name, **fit_opts) -> None:
     """Serve a scheduled deployment that re-forecasts CKPT_DIR whenever the trainer saved more."""
     from farcast_core.errors import ForecastError
 
@@ -268,7 +301,7 @@ def serve(ckpt_dir, out, target_step, ratio, interval, cron, store, name, lam, f
     from flows.flows import make_deployment
 
     d = make_deployment(ckpt_dir, out, ratio, target_step, interval, cron, store,
-                        _fit_config(lam, features, cuts, sample, seed).to_json(), name)
+                        _fit_config(**fit_opts).to_json(), name)
     click.echo(f"serving deployment '{d.name}' ({'every ' + str(interval) + ' s' if interval else 'cron ' + cron}); Ctrl-C stops", err=True)
     prefect_serve(d)
 

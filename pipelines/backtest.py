@@ -19,7 +19,8 @@ from farcast_core.dtypes import widen
 from farcast_core.errors import ForecastError
 from farcast_core.forecaster import FitConfig, Forecasters, apply
 from farcast_core.series import at, backtest_row
-from pipelines.fit import fit_store, resolve_target
+from farcast_core.timeaxis import TimeAxis
+from pipelines.fit import fit_store, resolve_target, time_axis
 from storage.store import RunStore
 
 
@@ -29,36 +30,64 @@ def backtest(
     ratio: float | None = None,
     config: FitConfig = FitConfig(),
     forecasters: Forecasters | None = None,
+    compare_axes: bool = True,
 ) -> dict:
     """The backtest report as a JSON-able dict (see ``farcast backtest --json``).
 
     With ``forecasters`` (a transfer from another run) they are evaluated instead of fitted,
-    at their own ratio.
+    at their own ratio. With ``compare_axes`` and a known schedule, the same backtest is also
+    run on the other time axis (steps or lr) and both are reported under ``axes``.
     """
     store = RunStore.open(store_url)
     steps = store.steps
-    rho_user, target = resolve_target(steps, target_step, ratio)
-    times = np.array(steps, dtype=np.float64)
-    t0, tn = times[0], times[-1]
+    axis = time_axis(store, config)
+    rho_user, target = resolve_target(steps, target_step, ratio, axis)
+    times = axis.times(steps)
     if forecasters is None:
         b = backtest_row(times, rho_user)
-        rho = (tn - t0) / (times[b] - t0)
     else:
         _check_transfer(store, forecasters)
-        rho = forecasters.rho
+        rho, t0, tn = forecasters.rho, times[0], times[-1]
         fits = [r for r in range(2, len(times) - 1) if t0 + rho * (times[r] - t0) <= tn]
         if not fits:
             raise ForecastError(f"{store_url}: too few checkpoints to backtest forecasters of ratio {rho:.4g}")
         b = fits[-1]
-    T = t0 + rho * (times[b] - t0)
     try:
-        fc = forecasters or fit_store(store, b + 1, rho, config)
+        report = _evaluate(store, axis, b, config, forecasters)
     except ForecastError as e:
         most = float(np.sqrt(max_ratio(times)))
         raise ForecastError(
             f"cannot backtest ratio {rho_user:.4g}: pretending the run ended at step {steps[b]} leaves too little "
             f"history ({e}); this run can backtest ratios up to about {most:.3g}"
         ) from e
+    axes = {axis.name: _summary(report)}
+    if compare_axes and forecasters is None and axis.schedule is not None:
+        other = TimeAxis("steps") if axis.name == "lr" else TimeAxis("lr", axis.schedule, axis.source)
+        try:
+            if np.any(np.diff(other.times(steps)) <= 0):
+                raise ForecastError("cumulative learning rate stands still between two checkpoints")
+            axes[other.name] = _summary(_evaluate(store, other, b, config, None))
+        except ForecastError as e:
+            axes[other.name] = {"error": str(e)}
+    return report | {
+        "observed_until": int(steps[-1]), "backtest_from": int(steps[b]), "target_step": int(target),
+        "ratio": float(rho_user), "transfer": forecasters is not None, "axis": axis.to_json(), "axes": axes,
+    }
+
+
+def _summary(report: dict) -> dict:
+    keys = ("methods", "farcast_vs_persistence", "backtest_ratio")
+    return {k: report[k] for k in keys}
+
+
+def _evaluate(store: RunStore, axis: TimeAxis, b: int, config: FitConfig, fc: Forecasters | None) -> dict:
+    """Fit on rows 0..b (unless ``fc`` is given), forecast on ``axis``, compare with the real weights."""
+    steps = store.steps
+    times = axis.times(steps)
+    t0, tn = times[0], times[-1]
+    rho = fc.rho if fc is not None else (tn - t0) / (times[b] - t0)
+    T = t0 + rho * (times[b] - t0)
+    fc = fc or fit_store(store, b + 1, rho, config, axis=axis)
 
     truth = interp_at(times, T)
     seen = times[: b + 1]
@@ -94,23 +123,18 @@ def backtest(
             counts[name] += hi - lo
     total = sum(counts.values())
     if not total:
-        raise ForecastError(f"{store_url}: nothing to backtest (all float tensors excluded: {excluded})")
+        raise ForecastError(f"{store.url}: nothing to backtest (all float tensors excluded: {excluded})")
     methods = {meth: {"mae": sum(s[meth] for s in sums.values()) / total} for meth in METHODS}
     persistence = methods["persistence"]["mae"]
     return {
         "methods": methods,
         "farcast_vs_persistence": methods["farcast"]["mae"] / persistence if persistence > 0 else float("inf"),
-        "observed_until": int(steps[-1]),
-        "backtest_from": int(steps[b]),
-        "backtest_target": float(T),
+        "backtest_target": float(np.interp(T, times, steps)),  # as a (fractional) step
         "backtest_ratio": float(rho),
-        "target_step": int(target),
-        "ratio": float(rho_user),
         "per_tensor": {n: {meth: s[meth] / counts[n] for meth in METHODS} for n, s in sums.items()},
         "excluded": excluded,
         "config": fc.config.to_json(),
         "parameters": total,
-        "transfer": forecasters is not None,
     }
 
 
@@ -128,16 +152,32 @@ def _check_transfer(store: RunStore, fc: Forecasters) -> None:
 
 
 def format_table(report: dict) -> str:
-    """The backtest as a small text table."""
-    p = report["methods"]["persistence"]["mae"]
+    """The backtest as a small text table (both time axes side by side when the schedule is known)."""
+    axis = TimeAxis.from_json(report.get("axis"))
+    axes = report.get("axes") or {axis.name: report}
+    names = [axis.name] + [a for a in axes if a != axis.name]
     lines = [
-        f"backtest: fitted on steps up to {report['backtest_from']}, forecast step {report['backtest_target']:.6g} "
-        f"(ratio {report['backtest_ratio']:.3g}), compared with the real weights",
-        f"{'method':<12} {'MAE':>12} {'vs persistence':>15}",
+        axis.describe(),
+        f"backtest: fitted on steps up to {report['backtest_from']}, forecast step {report['backtest_target']:.6g}, "
+        "compared with the real weights",
+        f"{'method':<12} " + " ".join(f"{'MAE ' + a:>14} {'/persistence':>12}" for a in names),
     ]
     for meth in METHODS:
-        mae = report["methods"][meth]["mae"]
-        lines.append(f"{meth:<12} {mae:>12.4e} {mae / p if p else float('nan'):>15.3f}")
+        cells = []
+        for a in names:
+            r = axes[a]
+            if "error" in r:
+                cells.append(f"{'-':>14} {'-':>12}")
+                continue
+            mae, p = r["methods"][meth]["mae"], r["methods"]["persistence"]["mae"]
+            cells.append(f"{mae:>14.4e} {mae / p if p else float('nan'):>12.3f}")
+        lines.append(f"{meth:<12} " + " ".join(cells))
+    lines.append("ratio        " + " ".join(f"{axes[a].get('backtest_ratio', float('nan')):>14.3g} {'':>12}" for a in names))
+    if len(names) > 1:
+        lines.append(f"(the forecast uses the {axis.name} axis; the {names[1]} column shows what the other axis would give)")
+    for a in names:
+        if "error" in axes[a]:
+            lines.append(f"{a} axis: {axes[a]['error']}")
     if report["excluded"]:
         lines.append(f"excluded (NaN/Inf seen): {', '.join(report['excluded'])}")
     return "\n".join(lines)

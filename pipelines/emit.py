@@ -28,7 +28,8 @@ from farcast_core.errors import ForecastError, StoreError
 from farcast_core.forecaster import FitConfig, Forecasters
 from farcast_core.series import at
 from pipelines.backtest import backtest
-from pipelines.fit import fit_store, resolve_target
+from farcast_core.schedules import multiplier
+from pipelines.fit import fit_store, resolve_target, time_axis
 from storage import writers
 from storage.checkpoints import HF_INDEXES, read_safetensors_header
 from storage.store import VERSION, RunStore, TensorMeta
@@ -71,7 +72,8 @@ def emit(
     if config.optimizer not in ("keep", "reset"):
         raise ForecastError(f"--optimizer must be keep or reset, got {config.optimizer!r}")
     store = RunStore.open(store_url)
-    rho, target = resolve_target(store.steps, target_step, ratio)
+    axis = time_axis(store, fit_config)
+    rho, target = resolve_target(store.steps, target_step, ratio, axis)
     source = Path(store.source)
     out = Path(out).resolve()
     if out == source or source in out.parents:
@@ -83,12 +85,15 @@ def emit(
     if missing:
         raise StoreError(f"{missing[0]}: the newest ingested checkpoint's files are gone (rotated?); rerun 'farcast ingest'")
 
-    if forecasters is not None and (forecasters.steps != store.steps or abs(forecasters.rho - rho) > 1e-9):
-        raise ForecastError(
-            f"the forecasters were fitted for ratio {forecasters.rho:.4g} on steps {forecasters.steps[0]}..{forecasters.steps[-1]}, "
-            f"not ratio {rho:.4g} on steps {store.steps[0]}..{store.steps[-1]}; refit with 'farcast fit'"
-        )
-    report = report or backtest(store.url, target_step=target, config=fit_config)
+    if forecasters is not None:
+        fc_axis = (forecasters.axis or {}).get("name", "steps")
+        if forecasters.steps != store.steps or abs(forecasters.rho - rho) > 1e-9 or fc_axis != axis.name:
+            raise ForecastError(
+                f"the forecasters were fitted for ratio {forecasters.rho:.4g} ({fc_axis} axis) on steps "
+                f"{forecasters.steps[0]}..{forecasters.steps[-1]}, not ratio {rho:.4g} ({axis.name} axis) on steps "
+                f"{store.steps[0]}..{store.steps[-1]}; refit with 'farcast fit'"
+            )
+    report = report or backtest(store.url, target_step=target, config=fit_config, compare_axes=False)
     f, p = report["methods"]["farcast"]["mae"], report["methods"]["persistence"]["mae"]
     if not f < p and not config.allow_worse:
         raise ForecastError(
@@ -96,19 +101,20 @@ def emit(
             f"persistence MAE {p:.4e} (ratio {report['farcast_vs_persistence']:.3f}); not emitted. "
             "Try a smaller ratio, or pass --allow-worse to emit anyway"
         )
-    fc = forecasters or fit_store(store, len(store.steps), rho, fit_config)
+    fc = forecasters or fit_store(store, len(store.steps), rho, fit_config, axis=axis)
     fit_config = fc.config
     forecast = _Forecast(store, fc)
     metadata = {
         "farcast": json.dumps({
             "version": VERSION, "method": "farcast-1layer", "config": fit_config.to_json(),
             "source": str(source), "source_steps": store.steps, "target_step": target, "ratio": rho,
+            "axis": axis.to_json(),
             "optimizer": config.optimizer, "excluded": fc.excluded,
             "backtest": {m: v["mae"] for m, v in report["methods"].items()}
             | {"farcast_vs_persistence": report["farcast_vs_persistence"], "backtest_from": report["backtest_from"]},
         })
     }
-    ctx = _Ctx(store, forecast, target, config, metadata, store.steps[-1])
+    ctx = _Ctx(store, forecast, target, config, metadata, store.steps[-1], _schedule_factor(axis, target))
     layout = store.layout
     if layout in ("hf", "dirs", "dcp"):
         src_dir = sources[0] if layout == "dcp" else sources[0].parent
@@ -150,7 +156,8 @@ class _Forecast:
 
     def __init__(self, store: RunStore, fc: Forecasters):
         self.store, self.fc = store, fc
-        self.app = feature_interps(np.array(store.steps, dtype=np.float64), fc.feature_ratios)
+        times = fc.times if fc.times is not None else store.steps
+        self.app = feature_interps(np.array(times, dtype=np.float64), fc.feature_ratios)
         self.rows = sorted({r for it in self.app for r in (it.lo, it.hi)})
         self.last = len(store.steps) - 1
         self.row_of = fc.row()
@@ -207,6 +214,7 @@ class _Ctx:
     config: EmitConfig
     metadata: dict
     newest_step: int
+    lr_factor: float | None = None  # the schedule's multiplier at the target, when the schedule is known
 
 
 def _stream_file(ctx: _Ctx, src: Path, dst: Path) -> None:
@@ -324,7 +332,12 @@ def _patch_container(ctx: _Ctx, obj: dict) -> None:
         if per_step:
             _add_ints(fit_loop.get("epoch_loop.scheduler_progress", {}), delta)
     for sched in schedulers:
-        _advance_scheduler(sched, ctx.newest_step, ctx.target)
+        _advance_scheduler(sched, ctx.newest_step, ctx.target, ctx.lr_factor)
+    if per_step and ctx.lr_factor is not None:  # the first resumed step uses the optimizer's own lr
+        for opt in obj.get("optimizer_states", []) or []:
+            for group in opt.get("param_groups", []):
+                if "initial_lr" in group:
+                    group["lr"] = group["initial_lr"] * ctx.lr_factor
     if ctx.config.optimizer == "reset":
         for opt in obj.get("optimizer_states", []) or []:
             opt["state"] = {}
@@ -365,13 +378,23 @@ def _write_optimizer(ctx: _Ctx, src: Path, dst: Path, lr_factor: float | None) -
     writers.save_torch(opt, dst)
 
 
+def _schedule_factor(axis, target: int) -> float | None:
+    """The known schedule's multiplier on the base learning rate at the target step."""
+    s = axis.schedule
+    if s is None:
+        return None
+    return multiplier(s.name, target, s.warmup, s.total, **s.options)
+
+
 def _hf_lr_factor(ctx: _Ctx, src_dir: Path) -> float | None:
-    """The Trainer schedule's multiplier at the target step, read from training_args.bin.
+    """The Trainer schedule's multiplier at the target step: from the known schedule, else training_args.bin.
 
     The first optimizer step after resuming uses the learning rate stored in optimizer.pt (that
     of the newest real step); the scheduler only takes over after it. training_args.bin is a
-    pickle, so it is read only with --allow-pickle; without it that one step keeps the old rate.
+    pickle, so it is read only with --allow-pickle; with neither that one step keeps the old rate.
     """
+    if ctx.lr_factor is not None:
+        return ctx.lr_factor
     args_file = src_dir / "training_args.bin"
     state_file = src_dir / "trainer_state.json"
     if not (ctx.config.allow_pickle and args_file.is_file() and state_file.is_file()):

@@ -15,29 +15,52 @@ from typing import Callable
 import numpy as np
 import torch
 
+from farcast_core import timeaxis
 from farcast_core.calibration import PairPlan, plan_pairs
 from farcast_core.dtypes import widen
 from farcast_core.errors import ForecastError
 from farcast_core.forecaster import FitConfig, Forecasters, default_device, fit_batch
 from farcast_core.series import pairs, sample_index
+from farcast_core.timeaxis import STEPS, TimeAxis
 from storage.artifacts import default_forecaster_path, save_forecasters
 from storage.store import RunStore
 
 
-def resolve_target(steps: list[int], target_step: int | None, ratio: float | None) -> tuple[float, int]:
-    """(ratio, target step) from whichever of the two the user gave."""
+def time_axis(store: RunStore, config: FitConfig) -> TimeAxis:
+    """The time axis for this run: config.axis, with the schedule stated or recorded at ingest."""
+    axis = timeaxis.choose(config.axis, config.schedule, store.schedule)
+    if axis.name == "lr" and len(store.steps) > 1:
+        t = axis.times(store.steps)
+        flat = np.flatnonzero(np.diff(t) <= 0)
+        if flat.size:
+            a, b = store.steps[flat[0]], store.steps[flat[0] + 1]
+            why = f"the learning rate is zero between steps {a} and {b}, so cumulative learning rate stands still there"
+            if config.axis == "lr":
+                raise ForecastError(f"--axis lr: {why}; use --axis steps")
+            return TimeAxis("steps", axis.schedule, axis.source, why)
+    return axis
+
+
+def resolve_target(
+    steps: list[int], target_step: int | None, ratio: float | None, axis: TimeAxis = STEPS
+) -> tuple[float, int]:
+    """(ratio on ``axis``, target step) from whichever of the two the user gave."""
     if (target_step is None) == (ratio is None):
         raise ForecastError("give exactly one of --target-step or --ratio")
     if len(steps) < 3:
         raise ForecastError(f"farcasting needs at least 3 checkpoints; the store has {len(steps)} ({steps})")
-    s0, sn = steps[0], steps[-1]
+    sn = steps[-1]
+    t0, tn = axis.times([steps[0], sn])
     if ratio is not None:
         if not ratio > 1:
             raise ForecastError(f"--ratio must be > 1 (the target lies after step {sn}), got {ratio}")
-        return float(ratio), int(round(s0 + ratio * (sn - s0)))
-    if target_step <= sn:
-        raise ForecastError(f"--target-step {target_step} is not after the newest checkpoint, step {sn}")
-    return (target_step - s0) / (sn - s0), int(target_step)
+        target = axis.step_at(t0 + ratio * (tn - t0), sn)
+    else:
+        if target_step <= sn:
+            raise ForecastError(f"--target-step {target_step} is not after the newest checkpoint, step {sn}")
+        axis.check_step(target_step)
+        target = int(target_step)
+    return float((axis.times([target])[0] - t0) / (tn - t0)), target
 
 
 def chunk_seed(seed: int, name: str, chunk: int) -> int:
@@ -52,22 +75,29 @@ class FitPlan:
     rho: float
     n_rows: int  # fit on the first n_rows committed steps
     steps: list[int]
+    axis: TimeAxis
+    times: list[float]  # the steps on the axis
     pairs: PairPlan
     excluded: list[str]  # float tensors with NaN/Inf: not forecast
     chunks: dict[str, int]  # tensor -> chunk length, of the tensors forecast
     batches: list[list[tuple[str, int]]]  # (tensor, chunk) keys, one batched problem each
 
 
-def plan_fit(store: RunStore, n_rows: int, rho: float, config: FitConfig = FitConfig()) -> FitPlan:
+def plan_fit(
+    store: RunStore, n_rows: int, rho: float, config: FitConfig = FitConfig(), axis: TimeAxis | None = None
+) -> FitPlan:
+    axis = axis or time_axis(store, config)
     steps = store.steps[:n_rows]
-    pairs_plan = plan_pairs(np.array(steps, dtype=np.float64), rho, config.horizons, config.max_cuts, config.extra_features)
+    times = axis.times(steps)
+    pairs_plan = plan_pairs(times, rho, config.horizons, config.max_cuts, config.extra_features, axis.unit)
     excluded = sorted(n for n in store.nonfinite(n_rows) if store.tensors[n].kind == "float")
     metas = [m for m in store.tensors.values() if m.kind == "float" and m.name not in excluded]
     if not metas:
         raise ForecastError(f"{store.url}: no float tensor to forecast (excluded for NaN/Inf: {excluded})")
     keys = [(m.name, i) for m in metas for i in range(m.plan.n_chunks)]
     batches = [keys[i : i + config.batch_chunks] for i in range(0, len(keys), config.batch_chunks)]
-    return FitPlan(float(rho), n_rows, list(steps), pairs_plan, excluded, {m.name: m.chunk for m in metas}, batches)
+    return FitPlan(float(rho), n_rows, list(steps), axis, [float(t) for t in times], pairs_plan, excluded,
+                   {m.name: m.chunk for m in metas}, batches)
 
 
 def fit_keys(
@@ -86,6 +116,7 @@ def assemble(plan: FitPlan, config: FitConfig, parts: list[tuple[torch.Tensor, t
         keys=[k for batch in plan.batches for k in batch], chunks=plan.chunks,
         A=torch.cat([a for a, _ in parts]), b=torch.cat([b for _, b in parts]), config=config, rho=plan.rho,
         ratios=plan.pairs.ratios, feature_ratios=plan.pairs.feature_ratios, steps=plan.steps, excluded=plan.excluded,
+        times=plan.times, axis=plan.axis.to_json(),
     )
 
 
@@ -96,9 +127,10 @@ def fit_store(
     config: FitConfig = FitConfig(),
     device: torch.device | None = None,
     progress: Callable[[int, int], None] | None = None,
+    axis: TimeAxis | None = None,
 ) -> Forecasters:
-    """Fit forecasters for ratio ``rho`` on the first ``n_rows`` committed steps of ``store``."""
-    plan = plan_fit(store, n_rows, rho, config)
+    """Fit forecasters for ratio ``rho`` (on ``axis``) on the first ``n_rows`` committed steps of ``store``."""
+    plan = plan_fit(store, n_rows, rho, config, axis)
     parts = []
     for n, keys in enumerate(plan.batches):
         parts.append(fit_keys(store, plan, keys, config, device))
@@ -145,8 +177,9 @@ def fit(
 ) -> tuple[Forecasters, Path, int]:
     """Fit on every committed step and save the forecasters; returns (forecasters, path, target step)."""
     store = RunStore.open(store_url)
-    rho, target = resolve_target(store.steps, target_step, ratio)
-    fc = fit_store(store, len(store.steps), rho, config, progress=progress)
+    axis = time_axis(store, config)
+    rho, target = resolve_target(store.steps, target_step, ratio, axis)
+    fc = fit_store(store, len(store.steps), rho, config, progress=progress, axis=axis)
     path = Path(out) if out else default_forecaster_path(str(store_url), target)
     save_forecasters(fc, path, {"store": str(store_url), "target_step": target, "source": store.source})
     return fc, path, target

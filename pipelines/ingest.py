@@ -19,6 +19,7 @@ from farcast_core.chunks import plan
 from farcast_core.dtypes import DTYPES, nonfinite
 from farcast_core.errors import SequenceMismatchError, StoreError
 from storage.checkpoints import Checkpoint, TensorInfo, discover, open_checkpoint
+from storage.schedules import read_schedule_facts
 from storage.store import RunStore, TensorMeta, array_path
 
 
@@ -99,7 +100,8 @@ def ingest(
     with ThreadPoolExecutor(max(1, config.workers)) as pool:
         for i, c in enumerate(new):
             flagged, nbytes = _write_step(c, row, store, config, pool)
-            store.commit({"step": c.step, "sources": [str(f) for f in c.files], "nonfinite": flagged})
+            facts = read_schedule_facts(c, config.allow_pickle)
+            store.commit({"step": c.step, "sources": [str(f) for f in c.files], "nonfinite": flagged}, facts)
             report.added.append(c.step)
             report.bytes_written += nbytes
             if flagged:

@@ -30,6 +30,8 @@ def save_forecasters(fc: Forecasters, path: str | os.PathLike, extra: dict | Non
         "feature_ratios": list(fc.feature_ratios),
         "steps": fc.steps,
         "excluded": fc.excluded,
+        "times": fc.times,
+        "axis": fc.axis,
         "farcast_version": VERSION,
         **(extra or {}),
     }
@@ -49,6 +51,6 @@ def load_forecasters(path: str | os.PathLike) -> tuple[Forecasters, dict]:
         keys=[tuple(k) for k in meta["keys"]], chunks=meta["chunks"], A=A, b=b,
         config=FitConfig.from_json(meta["config"]), rho=meta["rho"], ratios=tuple(meta["ratios"]),
         feature_ratios=tuple(meta["feature_ratios"]),
-        steps=meta["steps"], excluded=meta["excluded"],
+        steps=meta["steps"], excluded=meta["excluded"], times=meta.get("times"), axis=meta.get("axis"),
     )
     return fc, meta

@@ -182,9 +182,15 @@ class RunStore:
             if a.shape[0] != rows:
                 a.resize((rows, m.numel))
 
-    def commit(self, record: dict) -> None:
-        """Make one more row visible: append its step record (written last, atomically)."""
-        self.group.attrs["steps"] = self.step_records + [record]
+    @property
+    def schedule(self) -> dict | None:
+        """What the newest committed checkpoint recorded about its learning-rate schedule."""
+        return self.group.attrs.get("schedule")
+
+    def commit(self, record: dict, schedule: dict | None = None) -> None:
+        """Make one more row visible: append its step record and schedule facts (written last, in one write)."""
+        attrs = self.group.attrs.asdict() | {"steps": self.step_records + [record], "schedule": schedule}
+        self.group.update_attributes(attrs)
 
     # ------------------------------------------------------------ chunk I/O (safe from workers)
 

@@ -1,0 +1,95 @@
+"""What a checkpoint records about its learning-rate schedule, as JSON-able "facts".
+
+Ingest keeps the newest checkpoint's facts in the store; ``farcast_core.timeaxis`` turns them
+into a schedule. Read here: Hugging Face ``trainer_state.json`` (logged learning rates,
+max_steps), ``scheduler.pt`` (base and last learning rates; tensors and numbers only, so no
+pickle), ``training_args.bin`` only when pickles are allowed, and the ``lr_schedulers`` state a
+Lightning (or plain torch) checkpoint file holds. Anything unreadable just means "not known".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from farcast_core.errors import CheckpointError
+from storage.checkpoints import Checkpoint, TorchReader
+
+SCHEDULER_FILES = ("scheduler.pt", "scheduler.bin")
+
+
+def read_schedule_facts(ckpt: Checkpoint, allow_pickle: bool = False) -> dict | None:
+    """The schedule facts of one checkpoint, or None when it records none."""
+    if ckpt.path.is_dir():
+        return _hf_facts(ckpt.path, allow_pickle)
+    if ckpt.kind == "torch":
+        return _torch_facts(ckpt.path, allow_pickle)
+    return None
+
+
+def _hf_facts(d: Path, allow_pickle: bool) -> dict | None:
+    state_file = d / "trainer_state.json"
+    if not state_file.is_file():
+        return None
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return None
+    facts = {
+        "format": "hf",
+        "logged": [[h["step"], h["learning_rate"]] for h in state.get("log_history", [])
+                   if isinstance(h.get("learning_rate"), (int, float)) and isinstance(h.get("step"), int)],
+        "max_steps": state.get("max_steps"),
+        "global_step": state.get("global_step"),
+    }
+    for name in SCHEDULER_FILES:
+        sched = _load(d / name, False)
+        if isinstance(sched, dict) and "base_lrs" in sched:
+            facts.update(base_lrs=_floats(sched.get("base_lrs")), last_lr=_floats(sched.get("_last_lr")),
+                         last_epoch=sched.get("last_epoch"))
+            break
+    if allow_pickle and (d / "training_args.bin").is_file():
+        facts["training_args"] = _training_args(d / "training_args.bin", state.get("max_steps"))
+    return facts
+
+
+def _training_args(path: Path, max_steps: int | None) -> dict | None:
+    try:
+        import torch
+
+        args = torch.load(path, weights_only=False)
+        total = max_steps or args.max_steps
+        kind = args.lr_scheduler_type
+        return {"lr_scheduler_type": getattr(kind, "value", str(kind)), "learning_rate": float(args.learning_rate),
+                "warmup_steps": int(args.get_warmup_steps(total)), "max_steps": total,
+                "lr_scheduler_kwargs": json.loads(json.dumps(getattr(args, "lr_scheduler_kwargs", None) or {}))}
+    except Exception:  # an unreadable pickle is "not known", never a failed ingest
+        return None
+
+
+def _torch_facts(path: Path, allow_pickle: bool) -> dict | None:
+    obj = _load(path, allow_pickle)
+    if not isinstance(obj, dict) or not isinstance(obj.get("lr_schedulers"), list):
+        return None
+    keep = (int, float, bool, str)
+    schedulers = [{k: (_floats(v) if isinstance(v, list) else v) for k, v in s.items() if isinstance(v, keep)
+                   or (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v))}
+                  for s in obj["lr_schedulers"] if isinstance(s, dict)]
+    return {"format": "torch", "schedulers": schedulers, "global_step": obj.get("global_step")}
+
+
+def _load(path: Path, allow_pickle: bool):
+    if not path.is_file():
+        return None
+    try:
+        return TorchReader._load(path, allow_pickle)
+    except CheckpointError:
+        return None
+
+
+def _floats(v) -> list[float] | None:
+    if not isinstance(v, (list, tuple)):
+        return None
+    out = [float(x) for x in v]
+    return out if all(math.isfinite(x) for x in out) else None
