@@ -6,11 +6,15 @@ Runs (all on CPU, no downloads):
   gpt2-const     tiny GPT-2 trained with the Hugging Face Trainer on Python's pydoc_data topics
                  (byte-level), constant learning rate
   gpt2-linear    the same with the Trainer's default linear-decay schedule
+  gpt2-cosine    the same with cosine decay after 20 warm-up steps
+  digits-linear  digits MLP trained with the Trainer (AdamW), linear decay after 10 warm-up steps
 For each run and ratio 1.5, 2, 3: MAE of the farcaster and every baseline, and each / persistence,
-for the default config and the variants we tried (lambda, features). Then fit time per million
-parameters on this CPU (on the largest run and on a synthetic 4M-parameter store).
+for the default config and the variants we tried (lambda, features). Then, on the runs whose
+schedule decays, the time axes side by side: farcast / persistence on the steps axis and on the
+lr axis (cumulative learning rate, schedule inferred from trainer_state.json), with the backtest
+cut chosen by the ratio on either axis. Then fit time per million parameters on this CPU.
 
-    python bench/forecast_quality.py [--quick]
+    python bench/forecast_quality.py [--quick] [--axes-only]
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ sys.path.insert(0, str(REPO))
 from farcast_core.baselines import METHODS  # noqa: E402
 from farcast_core.forecaster import FitConfig  # noqa: E402
 from pipelines.backtest import backtest  # noqa: E402
-from pipelines.demo import write_digits_run  # noqa: E402
-from pipelines.fit import fit_store  # noqa: E402
+from pipelines.demo import train_with_trainer, write_digits_run  # noqa: E402
+from pipelines.fit import fit_store, time_axis  # noqa: E402
 from pipelines.ingest import ingest  # noqa: E402
 from storage.store import RunStore  # noqa: E402
 from storage.writers import save_safetensors  # noqa: E402
@@ -48,7 +52,7 @@ VARIANTS = {
 }
 
 
-def gpt2_run(out: Path, steps: int, every: int, schedule: str) -> Path:
+def gpt2_run(out: Path, steps: int, every: int, schedule: str, warmup: int = 0) -> Path:
     """A tiny GPT-2 trained with the real Trainer on pydoc_data text; returns its output dir."""
     import os
 
@@ -67,7 +71,7 @@ def gpt2_run(out: Path, steps: int, every: int, schedule: str) -> Path:
     model.save_pretrained(out / "checkpoint-0")
     args = TrainingArguments(
         output_dir=str(out), max_steps=steps, save_steps=every, per_device_train_batch_size=16,
-        learning_rate=1e-3, lr_scheduler_type=schedule, warmup_steps=0, report_to=[], use_cpu=True,
+        learning_rate=1e-3, lr_scheduler_type=schedule, warmup_steps=warmup, report_to=[], use_cpu=True,
         logging_steps=every, disable_tqdm=True, save_only_model=True, seed=0,
     )
     Trainer(model=model, args=args, train_dataset=ds).train()
@@ -87,9 +91,23 @@ def synthetic_store(work: Path, params: int) -> Path:
     return work / "synthetic.store"
 
 
+DECAYING = ("gpt2-linear", "gpt2-cosine", "digits-linear")
+
+
+def axes_rows(store_url: str, rho: float) -> list[tuple[str, int, float, float]]:
+    """(axis the cut was chosen on, cut step, steps-axis farcast/persistence, lr-axis farcast/persistence)."""
+    rows = []
+    for axis in ("lr", "steps"):
+        r = backtest(store_url, ratio=rho, config=FitConfig(axis=axis))
+        ax = r["axes"]
+        rows.append((axis, r["backtest_from"], ax["steps"]["farcast_vs_persistence"], ax["lr"]["farcast_vs_persistence"]))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shorter runs (for a smoke check)")
+    ap.add_argument("--axes-only", action="store_true", help="only the decaying-schedule runs and the time-axis table")
     ap.add_argument("--work", default=str(REPO / "bench" / "out" / "quality"))
     args = ap.parse_args()
     work = Path(args.work)
@@ -100,9 +118,15 @@ def main() -> None:
         "digits-adam": lambda d: write_digits_run(d, steps=120 // k, every=5, optimizer="adam", lr=1e-3, hidden=128),
         "gpt2-const": lambda d: gpt2_run(d, 200 // k, 10 // k, "constant"),
         "gpt2-linear": lambda d: gpt2_run(d, 200 // k, 10 // k, "linear"),
+        "gpt2-cosine": lambda d: gpt2_run(d, 200 // k, 10 // k, "cosine", warmup=20 // k),
+        "digits-linear": lambda d: train_with_trainer(d, 200 // k, 10 // k, hidden=128, lr=2e-3, schedule="linear",
+                                                      warmup=10 // k),
     }
+    if args.axes_only:
+        runs = {n: f for n, f in runs.items() if n in DECAYING}
     print("forecast quality: backtest MAE (fit up to s_b, forecast s_n, compare); ratio = MAE / persistence MAE")
     summary = {v: [] for v in VARIANTS}
+    axes = []
     timing = []
     for name, make in runs.items():
         t = time.perf_counter()
@@ -113,10 +137,17 @@ def main() -> None:
         n_float = sum(m.numel for m in store.tensors.values() if m.kind == "float")
         print(f"\n== {name}: {len(store.steps)} checkpoints, steps {store.steps[0]}..{store.steps[-1]}, "
               f"{n_float} float parameters, trained in {train_s:.0f} s")
+        print(time_axis(store, FitConfig()).describe())
+        if name in DECAYING:
+            for rho in (1.5, 2.0):
+                for cut_axis, cut, st, lr in axes_rows(store.url, rho):
+                    axes.append((name, rho, cut_axis, cut, st, lr))
+        if args.axes_only:
+            continue
         print(f"{'ratio':>5} {'variant':<17} " + " ".join(f"{m:>11}" for m in METHODS) + "   farcast/best baseline")
         for rho in (1.5, 2.0, 3.0):
             for vname, cfg in VARIANTS.items():
-                r = backtest(store.url, ratio=rho, config=cfg)
+                r = backtest(store.url, ratio=rho, config=cfg, compare_axes=False)
                 p = r["methods"]["persistence"]["mae"]
                 rel = {m: r["methods"][m]["mae"] / p for m in METHODS}
                 best = min(v for m, v in rel.items() if m != "farcast")
@@ -126,6 +157,17 @@ def main() -> None:
         t = time.perf_counter()
         fit_store(store, len(store.steps), 2.0, FitConfig(), torch.device("cpu"))
         timing.append((name, n_float, time.perf_counter() - t))
+
+    print("\n== time axes on the decaying-schedule runs: farcast / persistence, default config")
+    print("   (the backtest cut s_b is where the ratio, measured on the 'cut on' axis, reaches the newest step)")
+    print(f"{'run':<14} {'ratio':>5} {'cut on':>7} {'s_b':>5} {'steps axis':>11} {'lr axis':>9}")
+    for name, rho, cut_axis, cut, st, lr in axes:
+        print(f"{name:<14} {rho:>5} {cut_axis:>7} {cut:>5} {st:>11.3f} {lr:>9.3f}")
+    at2 = [a for a in axes if a[1] == 2.0 and a[2] == "lr"]
+    print(f"ratio 2 (cut on the lr axis): lr axis beats persistence on {sum(a[5] < 1 for a in at2)}/{len(at2)} runs "
+          f"(goal: all), steps axis on {sum(a[4] < 1 for a in at2)}/{len(at2)}")
+    if args.axes_only:
+        return
 
     print("\n== summary at ratio 2 (farcast / persistence; farcast / best baseline; beats every baseline?)")
     for vname, rows in summary.items():

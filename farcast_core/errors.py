@@ -24,3 +24,7 @@ class StoreError(FarcastError, RuntimeError):
 
 class ForecastError(FarcastError, ValueError):
     """A forecast cannot be made as asked (target too far, too few checkpoints, worse than persistence)."""
+
+
+class ScheduleEndError(ForecastError):
+    """The target lies past the end of the run's learning-rate schedule."""

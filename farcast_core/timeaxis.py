@@ -18,7 +18,7 @@ from functools import cached_property
 
 import numpy as np
 
-from farcast_core.errors import ForecastError
+from farcast_core.errors import ForecastError, ScheduleEndError
 from farcast_core.schedules import NAMES, TORCH, Schedule, multiplier
 
 AXES = ("auto", "steps", "lr")
@@ -75,7 +75,7 @@ class TimeAxis:
             if self.end is None:
                 raise ForecastError(f"the learning-rate schedule never reaches that target (cumulative learning rate "
                                     f"{t:.6g}) within {limit} steps; ask for a nearer one")
-            raise ForecastError(
+            raise ScheduleEndError(
                 f"that target lies beyond the learning-rate schedule's end: its last step is {limit} "
                 f"(cumulative learning rate {tau[-1]:.6g}, the target needs {t:.6g}); "
                 f"use --target-step {limit} to forecast the end of training"
@@ -86,7 +86,7 @@ class TimeAxis:
 
     def check_step(self, step: int) -> None:
         if self.end is not None and step > self.end:
-            raise ForecastError(
+            raise ScheduleEndError(
                 f"--target-step {step} is past the end of the run's learning-rate schedule: its last step is "
                 f"{self.end}; use --target-step {self.end} to forecast the end of training"
             )

@@ -16,7 +16,7 @@ from farcast_core import baselines
 from farcast_core.baselines import METHODS
 from farcast_core.calibration import feature_interps, interp_at, max_ratio
 from farcast_core.dtypes import widen
-from farcast_core.errors import ForecastError
+from farcast_core.errors import ForecastError, ScheduleEndError
 from farcast_core.forecaster import FitConfig, Forecasters, apply
 from farcast_core.series import at, backtest_row
 from farcast_core.timeaxis import TimeAxis
@@ -41,7 +41,12 @@ def backtest(
     store = RunStore.open(store_url)
     steps = store.steps
     axis = time_axis(store, config)
-    rho_user, target = resolve_target(steps, target_step, ratio, axis)
+    try:
+        rho_user, target = resolve_target(steps, target_step, ratio, axis)
+    except ScheduleEndError:
+        if ratio is None:
+            raise
+        rho_user, target = float(ratio), None  # a finished run can still be backtested at a ratio
     times = axis.times(steps)
     if forecasters is None:
         b = backtest_row(times, rho_user)
@@ -70,7 +75,7 @@ def backtest(
         except ForecastError as e:
             axes[other.name] = {"error": str(e)}
     return report | {
-        "observed_until": int(steps[-1]), "backtest_from": int(steps[b]), "target_step": int(target),
+        "observed_until": int(steps[-1]), "backtest_from": int(steps[b]), "target_step": None if target is None else int(target),
         "ratio": float(rho_user), "transfer": forecasters is not None, "axis": axis.to_json(), "axes": axes,
     }
 

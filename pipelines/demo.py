@@ -123,18 +123,20 @@ def digits_split() -> tuple[list[dict], tuple[torch.Tensor, torch.Tensor]]:
     return train, (x[:300], y[:300])
 
 
-def trainer_args(out_dir: str | os.PathLike, max_steps: int, every: int, lr: float = 3e-4):
-    """Trainer settings of the demo: AdamW at a constant learning rate, a checkpoint every ``every`` steps."""
+def trainer_args(out_dir: str | os.PathLike, max_steps: int, every: int, lr: float = 3e-4, schedule: str = "constant",
+                 warmup: int = 0):
+    """Trainer settings of the demo: AdamW (at a constant learning rate), a checkpoint every ``every`` steps."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
         output_dir=str(out_dir), max_steps=max_steps, save_steps=every, per_device_train_batch_size=64,
-        learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, report_to=[], use_cpu=True,
+        learning_rate=lr, lr_scheduler_type=schedule, warmup_steps=warmup, weight_decay=0.0, report_to=[], use_cpu=True,
         logging_steps=every, disable_tqdm=True, seed=0, data_seed=0,
     )
 
 
-def train_with_trainer(out_dir: Path, max_steps: int, every: int, resume: Path | None = None, hidden: int = 64):
+def train_with_trainer(out_dir: Path, max_steps: int, every: int, resume: Path | None = None, hidden: int = 64,
+                       **args):
     """Train (or resume) the digits MLP with the real Trainer, writing checkpoint-N/ dirs."""
     import logging
 
@@ -148,7 +150,7 @@ def train_with_trainer(out_dir: Path, max_steps: int, every: int, resume: Path |
     model = DigitsMLP(hidden)
     if resume is None:  # the initial weights, as save_pretrained would leave them: step 0 of the run
         save_safetensors(model.state_dict(), Path(out_dir) / "checkpoint-0" / "model.safetensors", {"format": "pt"})
-    trainer = Trainer(model=model, args=trainer_args(out_dir, max_steps, every), train_dataset=train)
+    trainer = Trainer(model=model, args=trainer_args(out_dir, max_steps, every, **args), train_dataset=train)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     return trainer
 
