@@ -84,6 +84,8 @@ TORCH = {
     "torch_constant": lambda s, factor, total_iters, **_: factor if s < total_iters else 1.0,
     "torch_exponential": lambda s, gamma, **_: gamma**s,
     "torch_step": lambda s, step_size, gamma, **_: gamma ** (s // step_size),
+    # any schedule evaluated in-process (e.g. a LambdaLR's own function), step by step; held after the end
+    "tabulated": lambda s, table, **_: table[min(s, len(table) - 1)],
 }
 
 
@@ -112,7 +114,7 @@ class Schedule:
             parts.append(f"warm-up {self.warmup}")
         if self.total is not None:
             parts.append(f"{self.total} steps")
-        parts += [f"{k}={v}" for k, v in self.options.items() if k != "lr_init"]
+        parts += [f"{k}={v}" for k, v in self.options.items() if k not in ("lr_init", "table")]
         return ", ".join(parts)
 
     def lr(self, steps) -> np.ndarray:

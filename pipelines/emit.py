@@ -103,7 +103,7 @@ def emit(
         )
     fc = forecasters or fit_store(store, len(store.steps), rho, fit_config, axis=axis)
     fit_config = fc.config
-    forecast = _Forecast(store, fc)
+    forecast = Forecast(store, fc)
     metadata = {
         "farcast": json.dumps({
             "version": VERSION, "method": "farcast-1layer", "config": fit_config.to_json(),
@@ -151,7 +151,7 @@ def rename_step(name: str, old: int, new: int) -> str:
     return name[: m.start()] + rep + name[m.end() :]
 
 
-class _Forecast:
+class Forecast:
     """The target-step values of every tensor, chunk by chunk, in the store's representation."""
 
     def __init__(self, store: RunStore, fc: Forecasters):
@@ -209,7 +209,7 @@ class _Forecast:
 @dataclass
 class _Ctx:
     store: RunStore
-    forecast: _Forecast
+    forecast: Forecast
     target: int
     config: EmitConfig
     metadata: dict

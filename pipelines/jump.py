@@ -1,0 +1,408 @@
+"""Training loop --jump--> forecast weights: farcasting during training, every K steps.
+
+The same store, fit and forecast as the checkpoint pipeline, driven from inside a training loop:
+``Jumper`` records the trainable weights every ``record_every`` steps into a small Zarr run store
+(on local disk, so the history never has to fit in memory), and at a jump fits the farcaster on
+that history, forecasts ratio R ahead on the time axis, and proposes the forecast. A guard
+evaluates a loss at the current and the forecast weights and rejects worse forecasts. Accepted
+jumps replace the weights, apply the optimizer policy and advance the step counters and the
+learning-rate schedule to the target step.
+
+Three thin adapters: ``hf_callback`` (a transformers TrainerCallback), ``lightning_callback``
+(a Lightning Callback) and ``TorchJumper`` (call ``after_step`` in a plain loop).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from farcast_core.chunks import plan
+from farcast_core.dtypes import dtype_of, nonfinite, to_storage
+from farcast_core.errors import ForecastError
+from farcast_core.forecaster import FitConfig
+from farcast_core.schedules import Schedule
+from farcast_core.timeaxis import STEPS, TimeAxis, from_facts
+from pipelines.emit import Forecast
+from pipelines.fit import fit_store, resolve_target
+from storage.store import RunStore, TensorMeta, array_path
+
+OPTIMIZER_POLICIES = ("keep", "reset_first", "reset_all")
+
+
+@dataclass(frozen=True)
+class JumpConfig:
+    every: int = 100  # a jump every this many real optimizer steps (0: only at the steps in ``at``)
+    at: tuple[int, ...] = ()  # or (also) at these global steps
+    ratio: float = 2.0  # the target of a jump: t_0 + ratio (t_n - t_0) on the time axis
+    record_every: int = 10  # record the weights every this many global steps
+    min_records: int = 5  # records needed before the first jump
+    optimizer: str = "keep"  # keep | reset_first (zero Adam's exp_avg / SGD's momentum) | reset_all
+    skip: tuple[str, ...] = ()  # parameters whose name contains one of these are not forecast
+    guard: bool = True  # evaluate the loss before and after; reject a jump that makes it worse
+    fit: FitConfig = field(default_factory=FitConfig)
+    memory_budget_mb: int = 64  # chunking of the history store
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZER_POLICIES:
+            raise ForecastError(f"optimizer policy must be one of {', '.join(OPTIMIZER_POLICIES)}, got {self.optimizer!r}")
+        if not self.ratio > 1:
+            raise ForecastError(f"the jump ratio must be > 1, got {self.ratio}")
+
+
+@dataclass
+class JumpRecord:
+    """One jump tried."""
+
+    step: int  # global step it was tried at
+    real_step: int  # optimizer steps actually taken by then
+    target: int | None  # the step it forecast (None: no forecast)
+    accepted: bool
+    loss_before: float | None = None
+    loss_after: float | None = None
+    seconds: float = 0.0  # fit + forecast + guard
+    reason: str = ""
+
+
+class Jumper:
+    """Records a model's weights and proposes jumps; framework-free (the adapters below drive it)."""
+
+    def __init__(self, config: JumpConfig = JumpConfig(), axis: TimeAxis = STEPS, store_dir: str | Path | None = None,
+                 device: torch.device | None = None, total: int | None = None):
+        self.config, self.axis, self.device, self.total = config, axis, device, total
+        self._own_dir = store_dir is None
+        self.dir = Path(store_dir) if store_dir else Path(tempfile.mkdtemp(prefix="farcast-jump-"))
+        self.store: RunStore | None = None
+        self.rows = 0
+        self.jumps: list[JumpRecord] = []
+        self.real_steps = 0
+        self._last_jump_real = 0
+
+    # ------------------------------------------------------------ recording
+
+    def params(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        """The parameters farcast forecasts: trainable floats whose name matches no ``skip`` pattern."""
+        return {n: p for n, p in model.named_parameters()
+                if p.requires_grad and p.is_floating_point() and not any(s in n for s in self.config.skip)}
+
+    def record(self, step: int, params: dict[str, torch.Tensor]) -> None:
+        """Append the weights at global ``step`` to the history (ignored if not after the newest)."""
+        if self.store is None:
+            self._create(params)
+        elif self.store.steps and step <= self.store.steps[-1]:
+            return
+        if self.rows >= self._capacity:
+            self._capacity = max(16, 2 * self._capacity)
+            self.store.reserve(self._capacity)
+        bad = []
+        for name, m in self.store.tensors.items():
+            flat = to_storage(params[name].detach().reshape(-1).cpu())
+            if nonfinite(flat, m.dtype):
+                bad.append(name)
+            for i in range(m.plan.n_chunks):
+                a, b = m.plan.bounds(i)
+                self.store.write(name, self.rows, a, flat[a:b])
+        self.store.commit({"step": int(step), "sources": [], "nonfinite": bad})
+        self.rows += 1
+
+    def _create(self, params: dict[str, torch.Tensor]) -> None:
+        budget = self.config.memory_budget_mb * 2**20
+        url = self.dir / "history"
+        self.store = RunStore.open_or_create(url, self.dir, "jump", {"memory_budget_mb": self.config.memory_budget_mb})
+        metas = []
+        for name, p in params.items():
+            numel = p.numel()
+            metas.append(TensorMeta(name, tuple(p.shape), dtype_of(p.dtype).name, "float", plan(numel, budget).chunk,
+                                    array_path(name)))
+        self.store.define_tensors(metas)
+        self._capacity = 0
+
+    # ------------------------------------------------------------ jumping
+
+    def due(self, global_step: int) -> bool:
+        """Is a jump due now (after ``real_steps`` optimizer steps, at ``global_step``)?"""
+        if self.rows < self.config.min_records or not self.store.steps or self.store.steps[-1] != global_step:
+            return False
+        if global_step in self.config.at:
+            return True
+        return bool(self.config.every) and self.real_steps - self._last_jump_real >= self.config.every
+
+    def forecast(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """(target step, forecast weights on the CPU) from the history so far; ForecastError if none."""
+        steps = self.store.steps
+        rho, target = resolve_target(steps, None, self.config.ratio, self.axis)
+        if self.total is not None and target > self.total:
+            raise ForecastError(f"the target step {target} lies past the end of training ({self.total})")
+        fc = fit_store(self.store, len(steps), rho, self.config.fit, self.device, axis=self.axis)
+        f = Forecast(self.store, fc)
+        return target, {m.name: f.tensor(m) for m in self.store.tensors.values()}
+
+    def try_jump(self, model: torch.nn.Module, global_step: int, loss_fn: Callable[[torch.nn.Module], float] | None,
+                 optimizer: torch.optim.Optimizer | None = None) -> int | None:
+        """Fit, forecast, guard; on success set the weights and apply the optimizer policy.
+
+        Returns the target step when the jump was taken (the caller advances its counters and
+        schedule to it), else None. Every attempt is appended to ``jumps``.
+        """
+        t = time.perf_counter()
+        self._last_jump_real = self.real_steps
+        rec = JumpRecord(global_step, self.real_steps, None, False)
+        self.jumps.append(rec)
+        try:
+            target, new = self.forecast()
+        except ForecastError as e:
+            rec.reason, rec.seconds = str(e), time.perf_counter() - t
+            return None
+        rec.target = target
+        params = self.params(model)
+        old = {n: p.detach().clone() for n, p in params.items()}
+        if self.config.guard and loss_fn is not None:
+            rec.loss_before = _eval(model, loss_fn)
+        _assign(params, new)
+        if self.config.guard and loss_fn is not None:
+            rec.loss_after = _eval(model, loss_fn)
+            if not rec.loss_after <= rec.loss_before:
+                _assign(params, old)
+                rec.reason, rec.seconds = "the forecast's loss is higher", time.perf_counter() - t
+                return None
+        if optimizer is not None:
+            reset_optimizer(optimizer, list(params.values()), self.config.optimizer)
+        rec.accepted = True
+        self.record(target, params)
+        rec.seconds = time.perf_counter() - t
+        return target
+
+    def summary(self) -> dict:
+        return {"jumps": [vars(j) for j in self.jumps], "accepted": sum(j.accepted for j in self.jumps),
+                "seconds": sum(j.seconds for j in self.jumps), "axis": self.axis.to_json()}
+
+    def close(self) -> None:
+        """Delete the history (when the Jumper made its own directory)."""
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _eval(model: torch.nn.Module, loss_fn) -> float:
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return float(loss_fn(model))
+    finally:
+        model.train(was)
+
+
+def _assign(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(values[name].to(device=p.device, dtype=p.dtype).reshape(p.shape))
+
+
+def reset_optimizer(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], policy: str) -> None:
+    """keep: nothing; reset_first: zero first moments / momentum; reset_all: forget the state."""
+    if policy == "keep":
+        return
+    for p in params:
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        if policy == "reset_all":
+            del optimizer.state[p]
+        else:
+            for key in ("exp_avg", "momentum_buffer"):
+                if isinstance(state.get(key), torch.Tensor):
+                    state[key].zero_()
+
+
+def advance_scheduler(scheduler, steps: int) -> None:
+    """Step a torch LR scheduler ``steps`` times, setting the learning rate training would have reached."""
+    if scheduler is None:
+        return
+    for _ in range(steps):
+        scheduler.step()
+
+
+def schedule_axis(scheduler, total: int | None, fit: FitConfig) -> TimeAxis:
+    """The time axis for a live torch scheduler: its learning rates tabulated up to ``total`` when it is a
+    LambdaLR (every Hugging Face schedule), its closed form for the torch built-ins, else steps."""
+    if fit.axis == "steps" or scheduler is None:
+        return TimeAxis("steps", note="no scheduler" if scheduler is None else "as asked")
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas and total:
+        table = [float(lambdas[0](s)) for s in range(total + 1)]
+        for other in lambdas[1:]:
+            if any(abs(float(other(s)) - table[s]) > 1e-12 for s in range(0, total + 1, max(1, total // 64))):
+                return TimeAxis("steps", note="parameter groups follow differently shaped schedules")
+        sched = Schedule("tabulated", float(scheduler.base_lrs[0]), 0, total, {"table": table})
+        return TimeAxis("lr", sched, "the training loop's scheduler")
+    s, source, why = from_facts({"format": "torch", "schedulers": [_plain(scheduler.state_dict())],
+                                 "global_step": scheduler.last_epoch})
+    if s is None:
+        return TimeAxis("steps", note=why)
+    return TimeAxis("lr", Schedule(s.name, s.peak_lr, s.warmup, total, s.options), source)
+
+
+def _plain(state: dict) -> dict:
+    return {k: v for k, v in state.items() if isinstance(v, (int, float, bool, str, list))}
+
+
+# ---------------------------------------------------------------- plain torch
+
+
+class TorchJumper:
+    """For a plain training loop: call ``step = jumper.after_step(step)`` after each optimizer step.
+
+    ``step`` is the global step just completed (1 after the first optimizer step); the return
+    value is the global step to continue from (the target after a jump). ``loss_fn(model)``
+    evaluates the guard loss (a few held batches). The initial weights are recorded at step 0.
+    """
+
+    def __init__(self, model, optimizer, scheduler=None, loss_fn=None, config: JumpConfig = JumpConfig(),
+                 total_steps: int | None = None, store_dir=None):
+        self.model, self.optimizer, self.scheduler, self.loss_fn = model, optimizer, scheduler, loss_fn
+        self.jumper = Jumper(config, schedule_axis(scheduler, total_steps, config.fit), store_dir, total=total_steps)
+        self.jumper.record(0, self.jumper.params(model))
+
+    def after_step(self, step: int) -> int:
+        j = self.jumper
+        j.real_steps += 1
+        if step % j.config.record_every == 0 or step in j.config.at:
+            j.record(step, j.params(self.model))
+        if not j.due(step):
+            return step
+        target = j.try_jump(self.model, step, self.loss_fn, self.optimizer)
+        if target is None:
+            return step
+        advance_scheduler(self.scheduler, target - step)
+        return target
+
+
+# ---------------------------------------------------------------- Hugging Face Trainer
+
+
+def hf_callback(config: JumpConfig = JumpConfig(), guard_batches: list[dict] | None = None,
+                loss_fn: Callable | None = None, store_dir=None):
+    """A ``transformers.TrainerCallback`` that jumps the Trainer's model.
+
+    The guard loss is ``loss_fn(model)``, or the mean of ``model(**batch).loss`` over
+    ``guard_batches``. A taken jump sets ``state.global_step`` to the target and steps the
+    learning-rate scheduler there, so the schedule continues from the target and training ends
+    at ``max_steps`` of the jumped count (the real optimizer steps saved).
+    """
+    from transformers import TrainerCallback
+
+    if loss_fn is None and guard_batches is not None:
+        loss_fn = _batches_loss(guard_batches)
+
+    class FarcastJumpCallback(TrainerCallback):
+        def __init__(self):
+            self.jumper: Jumper | None = None
+
+        def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, **kw):
+            axis = schedule_axis(_inner(lr_scheduler), state.max_steps, config.fit)
+            self.jumper = Jumper(config, axis, store_dir, total=state.max_steps)
+            self.jumper.record(state.global_step, self.jumper.params(model))
+
+        def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
+            j = self.jumper
+            j.real_steps += 1
+            step = state.global_step
+            if step % config.record_every == 0 or step in config.at:
+                j.record(step, j.params(model))
+            if step >= state.max_steps or not j.due(step):
+                return
+            target = j.try_jump(model, step, loss_fn, _inner(optimizer))
+            if target is not None:
+                advance_scheduler(_inner(lr_scheduler), target - step)
+                state.global_step = target
+                if state.global_step >= state.max_steps:
+                    control.should_training_stop = True
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.jumper is not None:
+                self.summary = self.jumper.summary()
+                self.jumper.close()
+
+    return FarcastJumpCallback()
+
+
+def _inner(obj):
+    """The torch optimizer or scheduler behind accelerate's wrappers."""
+    for attr in ("optimizer", "scheduler"):
+        inner = getattr(obj, attr, None)
+        if inner is not None and type(obj).__name__.startswith("Accelerated"):
+            return inner
+    return obj
+
+
+def _batches_loss(batches: list[dict]) -> Callable:
+    def loss(model):
+        device = next(model.parameters()).device
+        total = 0.0
+        for b in batches:
+            out = model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()})
+            total += float(out["loss"] if isinstance(out, dict) else out.loss)
+        return total / len(batches)
+
+    return loss
+
+
+# ---------------------------------------------------------------- Lightning
+
+
+def lightning_callback(config: JumpConfig = JumpConfig(), loss_fn: Callable | None = None, store_dir=None):
+    """A Lightning ``Callback`` that jumps the LightningModule (automatic optimization, one optimizer).
+
+    ``loss_fn(module)`` is the guard loss. A taken jump advances the trainer's optimizer-step
+    counter (``trainer.global_step``) and every step-interval scheduler to the target.
+    """
+    import lightning as L
+
+    class FarcastJumpCallback(L.Callback):
+        def __init__(self):
+            self.jumper: Jumper | None = None
+
+        def on_train_start(self, trainer, pl_module):
+            sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
+            per_step = bool(trainer.lr_scheduler_configs) and trainer.lr_scheduler_configs[0].interval == "step"
+            total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+            axis = schedule_axis(sched if per_step else None, total, config.fit)
+            self.jumper = Jumper(config, axis, store_dir, total=total)
+            self.jumper.record(trainer.global_step, self.jumper.params(pl_module))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            j = self.jumper
+            j.real_steps += 1
+            step = trainer.global_step
+            if step % config.record_every == 0 or step in config.at:
+                j.record(step, j.params(pl_module))
+            if not j.due(step):
+                return
+            target = j.try_jump(pl_module, step, loss_fn, trainer.optimizers[0] if trainer.optimizers else None)
+            if target is None:
+                return
+            delta = target - step
+            progress = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step
+            progress.total.ready += delta
+            progress.total.completed += delta
+            trainer.fit_loop.epoch_loop._batches_that_stepped += delta
+            for cfg in trainer.lr_scheduler_configs:
+                if cfg.interval == "step":
+                    advance_scheduler(cfg.scheduler, delta)
+
+        def on_train_end(self, trainer, pl_module):
+            if self.jumper is not None:
+                self.summary = self.jumper.summary()
+                self.jumper.close()
+
+    return FarcastJumpCallback()
+
+
+__all__ = ["JumpConfig", "Jumper", "TorchJumper", "hf_callback", "lightning_callback", "reset_optimizer",
+           "advance_scheduler", "schedule_axis"]
