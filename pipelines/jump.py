@@ -25,7 +25,7 @@ import torch
 
 from farcast_core.chunks import plan
 from farcast_core.dtypes import dtype_of, nonfinite, to_storage
-from farcast_core.errors import ForecastError
+from farcast_core.errors import ForecastError, ScheduleEndError
 from farcast_core.forecaster import FitConfig
 from farcast_core.schedules import Schedule
 from farcast_core.timeaxis import STEPS, TimeAxis, from_facts
@@ -34,6 +34,10 @@ from pipelines.fit import fit_store, resolve_target
 from storage.store import RunStore, TensorMeta, array_path
 
 OPTIMIZER_POLICIES = ("keep", "reset_first", "reset_all")
+KINDS = {  # module kinds that skip_kinds names
+    "norm": lambda: (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm),
+    "embedding": lambda: (torch.nn.Embedding,),
+}
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,12 @@ class JumpConfig:
     min_records: int = 5  # records needed before the first jump
     optimizer: str = "keep"  # keep | reset_first (zero Adam's exp_avg / SGD's momentum) | reset_all
     skip: tuple[str, ...] = ()  # parameters whose name contains one of these are not forecast
+    skip_kinds: tuple[str, ...] = ()  # "norm" and/or "embedding": parameters of such modules are not forecast
     guard: bool = True  # evaluate the loss before and after; reject a jump that makes it worse
-    fit: FitConfig = field(default_factory=FitConfig)
+    advance: bool = True  # advance the step count and schedule to the target (False: keep counting from here)
+    backtrack: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)  # fractions of the jump the guard tries, in order
+    # jumps are frequent: a lighter fit than the pipeline's (bench/steps_saved.py measured the same jumps)
+    fit: FitConfig = field(default_factory=lambda: FitConfig(sample=1024, iters=50))
     memory_budget_mb: int = 64  # chunking of the history store
 
     def __post_init__(self):
@@ -54,6 +62,9 @@ class JumpConfig:
             raise ForecastError(f"optimizer policy must be one of {', '.join(OPTIMIZER_POLICIES)}, got {self.optimizer!r}")
         if not self.ratio > 1:
             raise ForecastError(f"the jump ratio must be > 1, got {self.ratio}")
+        unknown = set(self.skip_kinds) - set(KINDS)
+        if unknown:
+            raise ForecastError(f"skip_kinds takes {', '.join(KINDS)}, got {sorted(unknown)}")
 
 
 @dataclass
@@ -66,6 +77,7 @@ class JumpRecord:
     accepted: bool
     loss_before: float | None = None
     loss_after: float | None = None
+    fraction: float = 1.0  # of the forecast jump taken (the guard may shorten it)
     seconds: float = 0.0  # fit + forecast + guard
     reason: str = ""
 
@@ -88,8 +100,13 @@ class Jumper:
 
     def params(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         """The parameters farcast forecasts: trainable floats whose name matches no ``skip`` pattern."""
+        skipped = set()
+        for mod_name, mod in model.named_modules():
+            if any(isinstance(mod, KINDS[k]()) for k in self.config.skip_kinds):
+                skipped.update(f"{mod_name}.{n}" if mod_name else n for n, _ in mod.named_parameters(recurse=False))
         return {n: p for n, p in model.named_parameters()
-                if p.requires_grad and p.is_floating_point() and not any(s in n for s in self.config.skip)}
+                if p.requires_grad and p.is_floating_point() and n not in skipped
+                and not any(s in n for s in self.config.skip)}
 
     def record(self, step: int, params: dict[str, torch.Tensor]) -> None:
         """Append the weights at global ``step`` to the history (ignored if not after the newest)."""
@@ -136,9 +153,16 @@ class Jumper:
     def forecast(self) -> tuple[int, dict[str, torch.Tensor]]:
         """(target step, forecast weights on the CPU) from the history so far; ForecastError if none."""
         steps = self.store.steps
-        rho, target = resolve_target(steps, None, self.config.ratio, self.axis)
-        if self.total is not None and target > self.total:
-            raise ForecastError(f"the target step {target} lies past the end of training ({self.total})")
+        end = min(e for e in (self.total, self.axis.end, 2**62) if e is not None)
+        try:
+            rho, target = resolve_target(steps, None, self.config.ratio, self.axis)
+        except ScheduleEndError:
+            target = end
+        if target > end:  # past the end of training: forecast the end (the guard may shorten the jump)
+            target = end
+        if target <= steps[-1]:
+            raise ForecastError(f"step {steps[-1]} is the end of training: nothing to jump to")
+        rho, target = resolve_target(steps, target, None, self.axis)
         fc = fit_store(self.store, len(steps), rho, self.config.fit, self.device, axis=self.axis)
         f = Forecast(self.store, fc)
         return target, {m.name: f.tensor(m) for m in self.store.tensors.values()}
@@ -163,18 +187,28 @@ class Jumper:
         params = self.params(model)
         old = {n: p.detach().clone() for n, p in params.items()}
         if self.config.guard and loss_fn is not None:
+            # the forecast, else a shorter step towards it (backtracking); the first whose loss is not higher
             rec.loss_before = _eval(model, loss_fn)
-        _assign(params, new)
-        if self.config.guard and loss_fn is not None:
-            rec.loss_after = _eval(model, loss_fn)
-            if not rec.loss_after <= rec.loss_before:
+            for frac in self.config.backtrack:
+                _assign(params, {n: torch.lerp(old[n], new[n].to(old[n]), frac) for n in params})
+                rec.loss_after = _eval(model, loss_fn)
+                if rec.loss_after <= rec.loss_before:
+                    rec.fraction = frac
+                    break
+            else:
                 _assign(params, old)
                 rec.reason, rec.seconds = "the forecast's loss is higher", time.perf_counter() - t
                 return None
+            times = self.axis.times([global_step, target])  # a shorter step reaches an earlier step
+            target = self.axis.step_at(times[0] + rec.fraction * (times[1] - times[0]), global_step)
+            rec.target = target
+        else:
+            _assign(params, new)
         if optimizer is not None:
             reset_optimizer(optimizer, list(params.values()), self.config.optimizer)
         rec.accepted = True
-        self.record(target, params)
+        if self.config.advance:
+            self.record(target, params)
         rec.seconds = time.perf_counter() - t
         return target
 
@@ -277,7 +311,7 @@ class TorchJumper:
         if not j.due(step):
             return step
         target = j.try_jump(self.model, step, self.loss_fn, self.optimizer)
-        if target is None:
+        if target is None or not j.config.advance:
             return step
         advance_scheduler(self.scheduler, target - step)
         return target
@@ -318,7 +352,7 @@ def hf_callback(config: JumpConfig = JumpConfig(), guard_batches: list[dict] | N
             if step >= state.max_steps or not j.due(step):
                 return
             target = j.try_jump(model, step, loss_fn, _inner(optimizer))
-            if target is not None:
+            if target is not None and config.advance:
                 advance_scheduler(_inner(lr_scheduler), target - step)
                 state.global_step = target
                 if state.global_step >= state.max_steps:
@@ -385,7 +419,7 @@ def lightning_callback(config: JumpConfig = JumpConfig(), loss_fn: Callable | No
             if not j.due(step):
                 return
             target = j.try_jump(pl_module, step, loss_fn, trainer.optimizers[0] if trainer.optimizers else None)
-            if target is None:
+            if target is None or not config.advance:
                 return
             delta = target - step
             progress = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step

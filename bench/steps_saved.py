@@ -1,0 +1,183 @@
+"""Steps saved by farcast jumps during training (pipelines/jump.py), on three real training runs.
+
+Runs (CPU, no downloads), each trained plainly and then with farcast jumps (a jump every 1/12
+of the run, ratio 2, records every 1/5 of that, guard on a few held training batches):
+  digits-adam   digits MLP (64-128-10, BatchNorm), Adam lr 1e-3, 600 steps, plain torch loop (TorchJumper)
+  digits-sgd    the same with SGD lr 0.01, momentum 0.9
+  gpt2-linear   tiny GPT-2 (2 layers, 64 wide) on Python's pydoc text with the Hugging Face Trainer,
+                linear-decay schedule, lr 2e-3, 300 steps (hf_callback; the jumps advance the schedule)
+The target loss is the held-out loss plain training reaches at its last step (evaluated every
+1/60 of the run on held-out data). Printed per run and jump variant: real optimizer steps and
+wall time (training + fitting + jumping, not the benchmark's own evaluations) to first reach it,
+and plain / jumped. Variants: the optimizer policy at a jump (keep, reset_first, reset_all) and
+forecasting or skipping normalisation and embedding parameters.
+
+    python bench/steps_saved.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipelines.demo import DigitsMLP, digits_split, eval_loss, text_blocks, tiny_gpt2  # noqa: E402
+from pipelines.jump import JumpConfig, TorchJumper, hf_callback  # noqa: E402
+
+
+def variants(every: int) -> dict[str, JumpConfig | None]:
+    base = JumpConfig(every=every, record_every=max(1, every // 5))
+    return {
+        "plain": None,
+        "keep": replace(base, optimizer="keep"),
+        "reset_first": replace(base, optimizer="reset_first"),
+        "reset_all": replace(base, optimizer="reset_all"),
+        "reset_all, skip norm+emb": replace(base, optimizer="reset_all", skip_kinds=("norm", "embedding")),
+        "reset_all, no advance": replace(base, optimizer="reset_all", advance=False),
+        "keep, no advance": replace(base, optimizer="keep", advance=False),
+    }
+
+
+def digits_run(optimizer: str, steps: int, cfg: JumpConfig | None, evals: int) -> dict:
+    """A plain torch loop on digits; returns the eval history [(real steps, seconds, loss)] and jump summary."""
+    train, (xv, yv) = digits_split()
+    x = torch.stack([t["pixels"] for t in train])
+    y = torch.stack([t["labels"] for t in train])
+    torch.manual_seed(0)
+    model = DigitsMLP(128)
+    if optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def guard(m):
+        return torch.nn.functional.cross_entropy(m(x[:256])["logits"], y[:256])
+
+    g = torch.Generator().manual_seed(0)
+    clock = time.perf_counter()
+    jumper = TorchJumper(model, opt, None, guard, cfg) if cfg else None
+    step, history, paused = 0, [], 0.0
+    for real in range(1, steps + 1):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        loss = model(x[idx], y[idx])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        if jumper:
+            step = jumper.after_step(step)
+        if real % evals == 0:
+            t = time.perf_counter()
+            model.eval()
+            with torch.no_grad():
+                history.append((real, t - clock - paused, float(model(xv, yv)["loss"])))
+            model.train()
+            paused += time.perf_counter() - t
+    return {"history": history, "jumps": jumper.jumper.summary() if jumper else None, "final_step": step}
+
+
+def gpt2_run(out: Path, steps: int, cfg: JumpConfig | None, evals: int) -> dict:
+    """The Trainer on pydoc text with linear decay; evaluation by a callback after the jump callback."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    blocks = text_blocks()
+    held, train_blocks = blocks[:64], blocks[64:]
+    ds = [{"input_ids": b, "labels": b} for b in train_blocks]
+    guard_batches = [{"input_ids": train_blocks[i : i + 16], "labels": train_blocks[i : i + 16]} for i in (0, 16)]
+
+    class Evaluate(TrainerCallback):
+        def __init__(self):
+            self.real, self.history, self.paused, self.clock = 0, [], 0.0, None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.clock = time.perf_counter()
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            self.real += 1
+            if self.real % evals == 0 or control.should_training_stop or state.global_step >= state.max_steps:
+                t = time.perf_counter()
+                self.history.append((self.real, t - self.clock - self.paused, eval_loss(model, held)))
+                self.paused += time.perf_counter() - t
+
+    model = tiny_gpt2()
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=16, learning_rate=2e-3,
+        lr_scheduler_type="linear", warmup_steps=0, report_to=[], use_cpu=True, save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, seed=0, data_seed=0,
+    )
+    jump = hf_callback(cfg, guard_batches=guard_batches) if cfg else None
+    ev = Evaluate()
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[c for c in (jump, ev) if c])
+    trainer.train()
+    return {"history": ev.history, "jumps": getattr(jump, "summary", None), "final_step": trainer.state.global_step}
+
+
+def reach(history, goal: float):
+    """(real steps, seconds) at the first evaluation at or below ``goal``, or None."""
+    return next(((r, s) for r, s, loss in history if loss <= goal), None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="half-length runs (a smoke check)")
+    ap.add_argument("--only", help="run only this run (digits-adam, digits-sgd, gpt2-linear)")
+    ap.add_argument("--work", default=str(REPO / "bench" / "out" / "steps_saved"))
+    args = ap.parse_args()
+    k = 2 if args.quick else 1
+    runs = {
+        "digits-adam": (600 // k, lambda cfg, n: digits_run("adam", n, cfg, 10 // k)),
+        "digits-sgd": (600 // k, lambda cfg, n: digits_run("sgd", n, cfg, 10 // k)),
+        "gpt2-linear": (300 // k, lambda cfg, n: gpt2_run(Path(args.work) / "gpt2", n, cfg, 5 // k or 1)),
+    }
+    if args.only:
+        runs = {args.only: runs[args.only]}
+    print("steps saved by farcast jumps: real optimizer steps (and wall seconds) to reach the loss plain "
+          "training reaches at its last step; ratio = plain / jumped")
+    results = []
+    for name, (steps, train) in runs.items():
+        print(f"\n== {name}: {steps} steps, a jump every {steps // 12} steps")
+        print(f"{'variant':<26} {'steps':>6} {'ratio':>6} {'seconds':>8} {'ratio':>6} {'final loss':>10} "
+              f"{'jumps':>7} {'jump s':>7}  accepted jumps (step -> target, fraction)")
+        goal = plain = None
+        for vname, cfg in variants(steps // 12).items():
+            r = train(cfg, steps)
+            if goal is None:
+                goal = r["history"][-1][2]
+                plain = reach(r["history"], goal)
+            hit = reach(r["history"], goal)
+            j = r["jumps"]
+            taken = [(x["step"], x["target"], x["fraction"]) for x in (j["jumps"] if j else []) if x["accepted"]]
+            jumps = f"{j['accepted']}/{len(j['jumps'])}" if j else "-"
+            js = f"{j['seconds']:.1f}" if j else "-"
+            if hit:
+                sr, tr = plain[0] / hit[0], plain[1] / hit[1]
+                cells = f"{hit[0]:>6} {sr:>6.2f} {hit[1]:>8.1f} {tr:>6.2f}"
+            else:
+                sr = tr = None
+                cells = f"{'never':>6} {'-':>6} {'-':>8} {'-':>6}"
+            print(f"{vname:<26} {cells} {r['history'][-1][2]:>10.4f} {jumps:>7} {js:>7}  {taken[:6]}")
+            results.append((name, vname, sr, tr))
+    print("\n== summary: step ratio per variant (goal: >= 1.3 on every run, >= 2 on one)")
+    for vname in variants(12):
+        if vname == "plain":
+            continue
+        rows = [(n, s) for n, v, s, _ in results if v == vname]
+        ok = all(s is not None and s >= 1.3 for _, s in rows) and any(s is not None and s >= 2 for _, s in rows)
+        print(f"{vname:<26} " + ", ".join(f"{n} {s:.2f}x" if s else f"{n} never" for n, s in rows)
+              + f"   goal {'met' if ok else 'not met'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Farcast jumps during training: the Jumper, the guard, optimizer policies, and the three adapters."""
+
+import pytest
+import torch
+
+from farcast_core.errors import ForecastError
+from pipelines.demo import DigitsMLP, digits_split
+from pipelines.jump import JumpConfig, Jumper, TorchJumper, hf_callback, lightning_callback, reset_optimizer
+from tests.conftest import tiny_gpt2, token_data
+
+NO_GUARD = dict(guard=False, every=10, record_every=5)
+
+
+def test_forecast_of_a_linear_trajectory_is_exact(tmp_path):
+    j = Jumper(JumpConfig(ratio=2.0), store_dir=tmp_path)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 7, generator=g), torch.randn(300, 7, generator=g)
+    for s in range(0, 51, 10):
+        j.record(s, {"w": a + b * s})
+    target, new = j.forecast()
+    assert target == 100
+    assert torch.allclose(new["w"], a + b * 100, rtol=1e-4, atol=1e-4)
+    j.record(30, {"w": a})  # not after the newest: ignored
+    assert j.store.steps == [0, 10, 20, 30, 40, 50]
+
+
+def digits_loop(cfg, steps=60, optimizer="adam", scheduler=None, loss_fn=None):
+    train, _ = digits_split()
+    x = torch.stack([t["pixels"] for t in train])
+    y = torch.stack([t["labels"] for t in train])
+    torch.manual_seed(0)
+    model = DigitsMLP(16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3) if optimizer == "adam" else torch.optim.SGD(
+        model.parameters(), lr=0.01, momentum=0.9)
+    sched = scheduler(opt) if scheduler else None
+    loss_fn = loss_fn or (lambda m: torch.nn.functional.cross_entropy(m(x[:128])["logits"], y[:128]))
+    jumper = TorchJumper(model, opt, sched, loss_fn, cfg, total_steps=steps * 4 if sched else None)
+    g = torch.Generator().manual_seed(0)
+    step, real = 0, 0
+    while real < steps:
+        idx = torch.randint(0, len(x), (32,), generator=g)
+        model(x[idx], y[idx])["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        if sched:
+            sched.step()
+        step, real = jumper.after_step(step + 1), real + 1
+    return model, opt, sched, jumper, step
+
+
+def test_torch_jumps_advance_the_step_and_the_schedule():
+    lam = lambda s: max(0.0, 1 - s / 240)  # noqa: E731  linear decay over 240 steps
+    model, opt, sched, jumper, step = digits_loop(
+        JumpConfig(**NO_GUARD), scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lam))
+    s = jumper.jumper.summary()
+    taken = [j for j in s["jumps"] if j["accepted"]]
+    assert taken and s["axis"]["name"] == "lr" and s["axis"]["schedule"]["name"] == "tabulated"
+    assert step > 60  # fewer real steps than the global step count
+    assert sched.last_epoch == step  # the schedule continues from the jumped step
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * lam(step))
+    # each accepted jump is in the history at its target
+    assert all(j["target"] in jumper.jumper.store.steps for j in taken)
+
+
+def test_the_guard_rejects_a_worse_forecast_and_restores_the_weights():
+    cfg = JumpConfig(every=10, record_every=5, backtrack=(1.0, 0.5))
+    j = Jumper(cfg)
+    model = DigitsMLP(8)
+    with torch.no_grad():
+        for s in range(0, 31, 5):
+            for p in model.parameters():
+                p.add_(0.01)
+            j.record(s, j.params(model))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    j.real_steps = 30
+    state = {}
+
+    def guarded(m):  # a guard loss only the pre-jump weights minimise: every jump is worse
+        w = m.net[0].weight.detach()
+        if "ref" not in state:
+            state["ref"] = w.clone()
+        return float((w - state["ref"]).abs().sum())
+
+    assert j.try_jump(model, 30, guarded) is None
+    rec = j.jumps[-1]
+    assert not rec.accepted and rec.loss_after > rec.loss_before and "higher" in rec.reason
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert j.store.steps[-1] == 30  # nothing recorded
+
+
+def test_optimizer_policies():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    reset_optimizer(opt, [p], "reset_first")
+    assert torch.equal(opt.state[p]["exp_avg"], torch.zeros(3)) and opt.state[p]["exp_avg_sq"].abs().sum() > 0
+    reset_optimizer(opt, [p], "reset_all")
+    assert p not in opt.state or not opt.state[p]
+    sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    sgd.step()
+    reset_optimizer(sgd, [p], "reset_first")
+    assert torch.equal(sgd.state[p]["momentum_buffer"], torch.zeros(3))
+    with pytest.raises(ForecastError, match="optimizer policy"):
+        JumpConfig(optimizer="zero")
+    with pytest.raises(ForecastError, match="skip_kinds"):
+        JumpConfig(skip_kinds=("conv",))
+
+
+def test_skipped_norm_parameters_are_not_forecast():
+    model, _, _, jumper, step = digits_loop(JumpConfig(skip_kinds=("norm",), **NO_GUARD))
+    assert "net.1.weight" not in jumper.jumper.store.tensors and "net.0.weight" in jumper.jumper.store.tensors
+    assert any(j["accepted"] for j in jumper.jumper.summary()["jumps"])
+
+
+def test_hugging_face_callback_jumps_the_trainer(tmp_path):
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Count(TrainerCallback):
+        real = 0
+
+        def on_step_end(self, args, state, control, **kw):
+            Count.real += 1
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=60, per_device_train_batch_size=8, learning_rate=5e-3,
+                             lr_scheduler_type="linear", report_to=[], use_cpu=True, save_strategy="no",
+                             logging_strategy="no", disable_tqdm=True)
+    jump = hf_callback(JumpConfig(**NO_GUARD), store_dir=tmp_path / "history")
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[jump, Count()])
+    trainer.train()
+    taken = [j for j in jump.summary["jumps"] if j["accepted"]]
+    assert taken and jump.summary["axis"]["name"] == "lr"
+    assert trainer.state.global_step == 60 and Count.real < 60  # the jumps saved real steps
+    assert trainer.lr_scheduler.last_epoch == 60  # the schedule was advanced with the step count
+
+
+def test_lightning_callback_jumps_the_trainer(tmp_path):
+    import lightning as L
+
+    from tests.conftest import LitNet, digits_loader
+
+    class Count(L.Callback):
+        real = 0
+
+        def on_train_batch_end(self, *a):
+            Count.real += 1
+
+    jump = lightning_callback(JumpConfig(**NO_GUARD))
+    trainer = L.Trainer(max_steps=50, callbacks=[jump, Count()], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        default_root_dir=str(tmp_path))
+    trainer.fit(LitNet(), digits_loader())
+    assert any(j["accepted"] for j in jump.summary["jumps"])
+    assert trainer.global_step == 50 and Count.real < 50
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 50
