@@ -80,7 +80,10 @@ def digits_run(optimizer: str, steps: int, cfg: JumpConfig | None, evals: int) -
                 history.append((real, t - clock - paused, float(model(xv, yv)["loss"])))
             model.train()
             paused += time.perf_counter() - t
-    return {"history": history, "jumps": jumper.jumper.summary() if jumper else None, "final_step": step}
+    summary = jumper.summary() if jumper else None
+    if jumper:
+        jumper.close()
+    return {"history": history, "jumps": summary, "final_step": step}
 
 
 def gpt2_run(out: Path, steps: int, cfg: JumpConfig | None, evals: int) -> dict:
@@ -151,6 +154,7 @@ def main() -> None:
         print(f"{'variant':<26} {'steps':>6} {'ratio':>6} {'seconds':>8} {'ratio':>6} {'final loss':>10} "
               f"{'jumps':>7} {'jump s':>7}  accepted jumps (step -> target, fraction)")
         goal = plain = None
+        train(None, max(10, steps // 10))  # warm-up: first-call costs must not count against the plain run
         for vname, cfg in variants(steps // 12).items():
             r = train(cfg, steps)
             if goal is None:

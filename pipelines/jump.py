@@ -47,7 +47,9 @@ class JumpConfig:
     ratio: float = 2.0  # the target of a jump: t_0 + ratio (t_n - t_0) on the time axis
     record_every: int = 10  # record the weights every this many global steps
     min_records: int = 5  # records needed before the first jump
-    optimizer: str = "keep"  # keep | reset_first (zero Adam's exp_avg / SGD's momentum) | reset_all
+    # at a jump: reset_all (forget the state; best in bench/steps_saved.py) | reset_first (zero Adam's exp_avg /
+    # SGD's momentum) | keep
+    optimizer: str = "reset_all"
     skip: tuple[str, ...] = ()  # parameters whose name contains one of these are not forecast
     skip_kinds: tuple[str, ...] = ()  # "norm" and/or "embedding": parameters of such modules are not forecast
     guard: bool = True  # evaluate the loss before and after; reject a jump that makes it worse
@@ -302,6 +304,12 @@ class TorchJumper:
         self.model, self.optimizer, self.scheduler, self.loss_fn = model, optimizer, scheduler, loss_fn
         self.jumper = Jumper(config, schedule_axis(scheduler, total_steps, config.fit), store_dir, total=total_steps)
         self.jumper.record(0, self.jumper.params(model))
+
+    def summary(self) -> dict:
+        return self.jumper.summary()
+
+    def close(self) -> None:
+        self.jumper.close()
 
     def after_step(self, step: int) -> int:
         j = self.jumper

@@ -24,7 +24,7 @@ def test_forecast_of_a_linear_trajectory_is_exact(tmp_path):
     assert j.store.steps == [0, 10, 20, 30, 40, 50]
 
 
-def digits_loop(cfg, steps=60, optimizer="adam", scheduler=None, loss_fn=None):
+def digits_loop(cfg, store_dir, steps=60, optimizer="adam", scheduler=None, loss_fn=None):
     train, _ = digits_split()
     x = torch.stack([t["pixels"] for t in train])
     y = torch.stack([t["labels"] for t in train])
@@ -34,7 +34,7 @@ def digits_loop(cfg, steps=60, optimizer="adam", scheduler=None, loss_fn=None):
         model.parameters(), lr=0.01, momentum=0.9)
     sched = scheduler(opt) if scheduler else None
     loss_fn = loss_fn or (lambda m: torch.nn.functional.cross_entropy(m(x[:128])["logits"], y[:128]))
-    jumper = TorchJumper(model, opt, sched, loss_fn, cfg, total_steps=steps * 4 if sched else None)
+    jumper = TorchJumper(model, opt, sched, loss_fn, cfg, total_steps=steps * 4 if sched else None, store_dir=store_dir)
     g = torch.Generator().manual_seed(0)
     step, real = 0, 0
     while real < steps:
@@ -48,11 +48,11 @@ def digits_loop(cfg, steps=60, optimizer="adam", scheduler=None, loss_fn=None):
     return model, opt, sched, jumper, step
 
 
-def test_torch_jumps_advance_the_step_and_the_schedule():
+def test_torch_jumps_advance_the_step_and_the_schedule(tmp_path):
     lam = lambda s: max(0.0, 1 - s / 240)  # noqa: E731  linear decay over 240 steps
     model, opt, sched, jumper, step = digits_loop(
-        JumpConfig(**NO_GUARD), scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lam))
-    s = jumper.jumper.summary()
+        JumpConfig(**NO_GUARD), tmp_path, scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lam))
+    s = jumper.summary()
     taken = [j for j in s["jumps"] if j["accepted"]]
     assert taken and s["axis"]["name"] == "lr" and s["axis"]["schedule"]["name"] == "tabulated"
     assert step > 60  # fewer real steps than the global step count
@@ -62,9 +62,9 @@ def test_torch_jumps_advance_the_step_and_the_schedule():
     assert all(j["target"] in jumper.jumper.store.steps for j in taken)
 
 
-def test_the_guard_rejects_a_worse_forecast_and_restores_the_weights():
+def test_the_guard_rejects_a_worse_forecast_and_restores_the_weights(tmp_path):
     cfg = JumpConfig(every=10, record_every=5, backtrack=(1.0, 0.5))
-    j = Jumper(cfg)
+    j = Jumper(cfg, store_dir=tmp_path)
     model = DigitsMLP(8)
     with torch.no_grad():
         for s in range(0, 31, 5):
@@ -107,10 +107,10 @@ def test_optimizer_policies():
         JumpConfig(skip_kinds=("conv",))
 
 
-def test_skipped_norm_parameters_are_not_forecast():
-    model, _, _, jumper, step = digits_loop(JumpConfig(skip_kinds=("norm",), **NO_GUARD))
+def test_skipped_norm_parameters_are_not_forecast(tmp_path):
+    model, _, _, jumper, step = digits_loop(JumpConfig(skip_kinds=("norm",), **NO_GUARD), tmp_path)
     assert "net.1.weight" not in jumper.jumper.store.tensors and "net.0.weight" in jumper.jumper.store.tensors
-    assert any(j["accepted"] for j in jumper.jumper.summary()["jumps"])
+    assert any(j["accepted"] for j in jumper.summary()["jumps"])
 
 
 def test_hugging_face_callback_jumps_the_trainer(tmp_path):
@@ -145,7 +145,7 @@ def test_lightning_callback_jumps_the_trainer(tmp_path):
         def on_train_batch_end(self, *a):
             Count.real += 1
 
-    jump = lightning_callback(JumpConfig(**NO_GUARD))
+    jump = lightning_callback(JumpConfig(**NO_GUARD), store_dir=tmp_path / "history")
     trainer = L.Trainer(max_steps=50, callbacks=[jump, Count()], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
                         default_root_dir=str(tmp_path))
