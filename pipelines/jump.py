@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -92,6 +93,8 @@ class Jumper:
         self.config, self.axis, self.device, self.total = config, axis, device, total
         self._own_dir = store_dir is None
         self.dir = Path(store_dir) if store_dir else Path(tempfile.mkdtemp(prefix="farcast-jump-"))
+        if self._own_dir:  # a history of our own is deleted with the Jumper, even if training dies
+            self._finalizer = weakref.finalize(self, shutil.rmtree, self.dir, True)
         self.store: RunStore | None = None
         self.rows = 0
         self.jumps: list[JumpRecord] = []
@@ -221,7 +224,7 @@ class Jumper:
     def close(self) -> None:
         """Delete the history (when the Jumper made its own directory)."""
         if self._own_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self._finalizer()
 
 
 def _eval(model: torch.nn.Module, loss_fn) -> float:
