@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+import uuid
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,12 +60,15 @@ class JumpConfig:
     # jumps are frequent: a lighter fit than the pipeline's (bench/steps_saved.py measured the same jumps)
     fit: FitConfig = field(default_factory=lambda: FitConfig(sample=1024, iters=50))
     memory_budget_mb: int = 64  # chunking of the history store
+    history: str = "disk"  # where the recorded weights live: "disk" (a local Zarr store) or "memory" (small models)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZER_POLICIES:
             raise ForecastError(f"optimizer policy must be one of {', '.join(OPTIMIZER_POLICIES)}, got {self.optimizer!r}")
         if not self.ratio > 1:
             raise ForecastError(f"the jump ratio must be > 1, got {self.ratio}")
+        if self.history not in ("disk", "memory"):
+            raise ForecastError(f"history must be 'disk' or 'memory', got {self.history!r}")
         unknown = set(self.skip_kinds) - set(KINDS)
         if unknown:
             raise ForecastError(f"skip_kinds takes {', '.join(KINDS)}, got {sorted(unknown)}")
@@ -92,9 +96,13 @@ class Jumper:
                  device: torch.device | None = None, total: int | None = None):
         self.config, self.axis, self.device, self.total = config, axis, device, total
         self._own_dir = store_dir is None
-        self.dir = Path(store_dir) if store_dir else Path(tempfile.mkdtemp(prefix="farcast-jump-"))
-        if self._own_dir:  # a history of our own is deleted with the Jumper, even if training dies
-            self._finalizer = weakref.finalize(self, shutil.rmtree, self.dir, True)
+        if config.history == "memory":  # fsspec's in-memory filesystem: for small models
+            self.dir = f"memory://farcast-jump-{uuid.uuid4().hex}"
+            self._finalizer = weakref.finalize(self, _forget_memory, self.dir)
+        else:
+            self.dir = Path(store_dir) if store_dir else Path(tempfile.mkdtemp(prefix="farcast-jump-"))
+            if self._own_dir:  # a history of our own is deleted with the Jumper, even if training dies
+                self._finalizer = weakref.finalize(self, shutil.rmtree, self.dir, True)
         self.store: RunStore | None = None
         self.rows = 0
         self.jumps: list[JumpRecord] = []
@@ -135,8 +143,9 @@ class Jumper:
 
     def _create(self, params: dict[str, torch.Tensor]) -> None:
         budget = self.config.memory_budget_mb * 2**20
-        url = self.dir / "history"
-        self.store = RunStore.open_or_create(url, self.dir, "jump", {"memory_budget_mb": self.config.memory_budget_mb})
+        url = f"{self.dir}/history"
+        self.store = RunStore.open_or_create(url, Path(str(self.dir)), "jump",
+                                             {"memory_budget_mb": self.config.memory_budget_mb})
         metas = []
         for name, p in params.items():
             numel = p.numel()
@@ -223,8 +232,17 @@ class Jumper:
 
     def close(self) -> None:
         """Delete the history (when the Jumper made its own directory)."""
-        if self._own_dir:
+        if self._own_dir or self.config.history == "memory":
             self._finalizer()
+
+
+def _forget_memory(url: str) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    path = url.removeprefix("memory://")
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def _eval(model: torch.nn.Module, loss_fn) -> float:

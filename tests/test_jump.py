@@ -11,8 +11,9 @@ from tests.conftest import tiny_gpt2, token_data
 NO_GUARD = dict(guard=False, every=10, record_every=5)
 
 
-def test_forecast_of_a_linear_trajectory_is_exact(tmp_path):
-    j = Jumper(JumpConfig(ratio=2.0), store_dir=tmp_path)
+@pytest.mark.parametrize("history", ["disk", "memory"])
+def test_forecast_of_a_linear_trajectory_is_exact(tmp_path, history):
+    j = Jumper(JumpConfig(ratio=2.0, history=history), store_dir=tmp_path)
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(300, 7, generator=g), torch.randn(300, 7, generator=g)
     for s in range(0, 51, 10):
@@ -22,6 +23,13 @@ def test_forecast_of_a_linear_trajectory_is_exact(tmp_path):
     assert torch.allclose(new["w"], a + b * 100, rtol=1e-4, atol=1e-4)
     j.record(30, {"w": a})  # not after the newest: ignored
     assert j.store.steps == [0, 10, 20, 30, 40, 50]
+    if history == "memory":
+        import fsspec
+
+        path = str(j.dir).removeprefix("memory://")
+        assert fsspec.filesystem("memory").exists(path) and not any(tmp_path.iterdir())
+        j.close()
+        assert not fsspec.filesystem("memory").exists(path)
 
 
 def digits_loop(cfg, store_dir, steps=60, optimizer="adam", scheduler=None, loss_fn=None):
