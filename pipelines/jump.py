@@ -169,7 +169,7 @@ class Jumper:
         steps = self.store.steps
         end = min(e for e in (self.total, self.axis.end, 2**62) if e is not None)
         try:
-            rho, target = resolve_target(steps, None, self.config.ratio, self.axis)
+            _, target = resolve_target(steps, None, self.config.ratio, self.axis)
         except ScheduleEndError:
             target = end
         if target > end:  # past the end of training: forecast the end (the guard may shorten the jump)
