@@ -119,8 +119,7 @@ def stated_schedule(d: dict) -> Schedule:
     s = Schedule.from_json(d)
     if name not in ("constant", "constant_with_warmup", "inverse_sqrt") and s.total is None:
         raise ForecastError(f"the {name} schedule needs the run's total steps: add --total-steps N (the Trainer's max_steps)")
-    if name == "polynomial":
-        s = Schedule(s.name, s.peak_lr, s.warmup, s.total, {"lr_init": s.peak_lr, **s.options})
+    s = _with_lr_init(s)
     if name == "warmup_stable_decay" and "num_decay_steps" not in s.options:
         raise ForecastError("the warmup_stable_decay schedule needs --schedule-option num_decay_steps=N")
     try:
@@ -150,6 +149,13 @@ def choose(requested: str, stated: dict | None, facts: dict | None) -> TimeAxis:
     return TimeAxis("lr", schedule, source)
 
 
+def _with_lr_init(s: Schedule) -> Schedule:
+    """transformers' polynomial schedule is relative to the optimizer's initial lr: the peak."""
+    if s.name != "polynomial":
+        return s
+    return Schedule(s.name, s.peak_lr, s.warmup, s.total, {"lr_init": s.peak_lr, **s.options})
+
+
 # ----------------------------------------------------------------- what checkpoints recorded
 
 
@@ -174,8 +180,7 @@ def _from_hf(facts: dict) -> tuple[Schedule | None, str, str]:
     if args:
         s = Schedule(args["lr_scheduler_type"], float(args["learning_rate"]), int(args.get("warmup_steps") or 0),
                      total, dict(args.get("lr_scheduler_kwargs") or {}))
-        if s.name == "polynomial":
-            s = Schedule(s.name, s.peak_lr, s.warmup, s.total, {"lr_init": s.peak_lr, **s.options})
+        s = _with_lr_init(s)
         if s.name in NAMES:
             bad = _misfit(s, points)
             if bad is None:
