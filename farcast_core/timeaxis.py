@@ -235,7 +235,8 @@ def _infer(points, peak: float | None, total: int) -> list[Schedule]:
     probe = np.unique(np.linspace(0, len(points) - 1, 4).round().astype(int))  # cheap rejection first
     fits = []
     for name in INFERABLE:
-        for w in _warmups(points, peak or float(lrs.max()), total):
+        # a fit must reproduce every point, so the warm-ups solved from the probe points are enough
+        for w in _warmups([points[i] for i in probe], peak or float(lrs.max()), total):
             if name in ("linear", "cosine", "polynomial") and w >= total:
                 continue
             if name == "constant" and w:

@@ -23,6 +23,7 @@ from prefect.artifacts import (  # noqa: E402
 
 from farcast_core.baselines import METHODS  # noqa: E402
 from farcast_core.forecaster import FitConfig  # noqa: E402
+from farcast_core.timeaxis import TimeAxis  # noqa: E402
 from pipelines import backtest as backtest_mod  # noqa: E402
 from pipelines import emit as emit_mod  # noqa: E402
 from pipelines import fit as fit_mod  # noqa: E402
@@ -70,19 +71,20 @@ def plan_fit_task(store: str, target_step: int | None, ratio: float | None, fit_
 
 
 @task(name="fit-chunks", **DISK_RETRIES)
-def fit_chunks_task(store: str, n_rows: int, rho: float, fit_config: dict, keys: list) -> dict:
+def fit_chunks_task(store: str, n_rows: int, rho: float, fit_config: dict, axis: dict, keys: list) -> dict:
     s = RunStore.open(store)
     cfg = FitConfig.from_json(fit_config)
-    plan = fit_mod.plan_fit(s, n_rows, rho, cfg)
+    plan = fit_mod.plan_fit(s, n_rows, rho, cfg, TimeAxis.from_json(axis))
     A, b = fit_mod.fit_keys(s, plan, [tuple(k) for k in keys], cfg)
     return {"A": A.tolist(), "b": b.tolist()}  # float64 -> Python floats: exact
 
 
 @task(name="save-forecasters", **DISK_RETRIES)
-def save_forecasters_task(store: str, n_rows: int, rho: float, target: int, fit_config: dict, parts: list[dict]) -> str:
+def save_forecasters_task(store: str, n_rows: int, rho: float, target: int, fit_config: dict, axis: dict,
+                          parts: list[dict]) -> str:
     s = RunStore.open(store)
     cfg = FitConfig.from_json(fit_config)
-    plan = fit_mod.plan_fit(s, n_rows, rho, cfg)
+    plan = fit_mod.plan_fit(s, n_rows, rho, cfg, TimeAxis.from_json(axis))
     fc = fit_mod.assemble(plan, cfg, [(torch.tensor(p["A"], dtype=torch.float64), torch.tensor(p["b"], dtype=torch.float64)) for p in parts])
     path = default_forecaster_path(store, target)
     save_forecasters(fc, path, {"store": store, "target_step": target, "source": s.source})
@@ -108,12 +110,13 @@ def emit_task(store: str, out: str, target_step: int, fit_config: dict, emit_con
 def _fit(store: str, target_step: int | None, ratio: float | None, cfg: dict) -> dict:
     plan = plan_fit_task(store, target_step, ratio, cfg)
     progress = create_progress_artifact(0.0, key="farcast-fit", description="Fitting chunk forecasters")
-    futures = fit_chunks_task.map(unmapped(store), unmapped(plan["n_rows"]), unmapped(plan["rho"]), unmapped(cfg), plan["batches"])
+    futures = fit_chunks_task.map(unmapped(store), unmapped(plan["n_rows"]), unmapped(plan["rho"]), unmapped(cfg),
+                                  unmapped(plan["axis"]), plan["batches"])
     parts = []
     for n, fut in enumerate(futures):
         parts.append(fut.result())
         update_progress_artifact(progress, 100.0 * (n + 1) / len(futures))
-    path = save_forecasters_task(store, plan["n_rows"], plan["rho"], plan["target_step"], cfg, parts)
+    path = save_forecasters_task(store, plan["n_rows"], plan["rho"], plan["target_step"], cfg, plan["axis"], parts)
     return {"forecasters": path, "target_step": plan["target_step"], "rho": plan["rho"], "batches": len(parts)}
 
 

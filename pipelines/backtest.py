@@ -31,16 +31,18 @@ def backtest(
     config: FitConfig = FitConfig(),
     forecasters: Forecasters | None = None,
     compare_axes: bool = True,
+    axis: TimeAxis | None = None,
 ) -> dict:
     """The backtest report as a JSON-able dict (see ``farcast backtest --json``).
 
     With ``forecasters`` (a transfer from another run) they are evaluated instead of fitted,
     at their own ratio. With ``compare_axes`` and a known schedule, the same backtest is also
-    run on the other time axis (steps or lr) and both are reported under ``axes``.
+    run on the other time axis (steps or lr) and both are reported under ``axes``. ``axis``:
+    the run's time axis when the caller has it already (else resolved from the store and config).
     """
     store = RunStore.open(store_url)
     steps = store.steps
-    axis = time_axis(store, config)
+    axis = axis or time_axis(store, config)
     try:
         rho_user, target = resolve_target(steps, target_step, ratio, axis)
     except ScheduleEndError:

@@ -93,7 +93,7 @@ def emit(
                 f"{forecasters.steps[0]}..{forecasters.steps[-1]}, not ratio {rho:.4g} ({axis.name} axis) on steps "
                 f"{store.steps[0]}..{store.steps[-1]}; refit with 'farcast fit'"
             )
-    report = report or backtest(store.url, target_step=target, config=fit_config, compare_axes=False)
+    report = report or backtest(store.url, target_step=target, config=fit_config, compare_axes=False, axis=axis)
     f, p = report["methods"]["farcast"]["mae"], report["methods"]["persistence"]["mae"]
     if not f < p and not config.allow_worse:
         raise ForecastError(
