@@ -33,6 +33,7 @@ from farcast_core.schedules import Schedule
 from farcast_core.timeaxis import STEPS, TimeAxis, from_facts
 from pipelines.emit import Forecast
 from pipelines.fit import fit_store, resolve_target
+from storage.schedules import scheduler_state
 from storage.store import RunStore, TensorMeta, array_path
 
 OPTIMIZER_POLICIES = ("keep", "reset_first", "reset_all")
@@ -163,6 +164,20 @@ class Jumper:
         if global_step in self.config.at:
             return True
         return bool(self.config.every) and self.real_steps - self._last_jump_real >= self.config.every
+
+    def step(self, model: torch.nn.Module, global_step: int, loss_fn, optimizer=None) -> int | None:
+        """After one optimizer step: count it, record the weights when due, jump when due.
+
+        Returns the step the caller's counters and schedule must advance to (a jump was taken and
+        ``advance`` is set), else None.
+        """
+        self.real_steps += 1
+        if global_step % self.config.record_every == 0 or global_step in self.config.at:
+            self.record(global_step, self.params(model))
+        if (self.total is not None and global_step >= self.total) or not self.due(global_step):
+            return None
+        target = self.try_jump(model, global_step, loss_fn, optimizer)
+        return target if self.config.advance else None
 
     def forecast(self) -> tuple[int, dict[str, torch.Tensor]]:
         """(target step, forecast weights on the CPU) from the history so far; ForecastError if none."""
@@ -298,15 +313,11 @@ def schedule_axis(scheduler, total: int | None, fit: FitConfig) -> TimeAxis:
                 return TimeAxis("steps", note="parameter groups follow differently shaped schedules")
         sched = Schedule("tabulated", float(scheduler.base_lrs[0]), 0, total, {"table": table})
         return TimeAxis("lr", sched, "the training loop's scheduler")
-    s, source, why = from_facts({"format": "torch", "schedulers": [_plain(scheduler.state_dict())],
+    s, source, why = from_facts({"format": "torch", "schedulers": [scheduler_state(scheduler.state_dict())],
                                  "global_step": scheduler.last_epoch})
     if s is None:
         return TimeAxis("steps", note=why)
     return TimeAxis("lr", Schedule(s.name, s.peak_lr, s.warmup, total, s.options), source)
-
-
-def _plain(state: dict) -> dict:
-    return {k: v for k, v in state.items() if isinstance(v, (int, float, bool, str, list))}
 
 
 # ---------------------------------------------------------------- plain torch
@@ -333,14 +344,8 @@ class TorchJumper:
         self.jumper.close()
 
     def after_step(self, step: int) -> int:
-        j = self.jumper
-        j.real_steps += 1
-        if step % j.config.record_every == 0 or step in j.config.at:
-            j.record(step, j.params(self.model))
-        if not j.due(step):
-            return step
-        target = j.try_jump(self.model, step, self.loss_fn, self.optimizer)
-        if target is None or not j.config.advance:
+        target = self.jumper.step(self.model, step, self.loss_fn, self.optimizer)
+        if target is None:
             return step
         advance_scheduler(self.scheduler, target - step)
         return target
@@ -373,15 +378,9 @@ def hf_callback(config: JumpConfig = JumpConfig(), guard_batches: list[dict] | N
             self.jumper.record(state.global_step, self.jumper.params(model))
 
         def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
-            j = self.jumper
-            j.real_steps += 1
             step = state.global_step
-            if step % config.record_every == 0 or step in config.at:
-                j.record(step, j.params(model))
-            if step >= state.max_steps or not j.due(step):
-                return
-            target = j.try_jump(model, step, loss_fn, _inner(optimizer))
-            if target is not None and config.advance:
+            target = self.jumper.step(model, step, loss_fn, _inner(optimizer))
+            if target is not None:
                 advance_scheduler(_inner(lr_scheduler), target - step)
                 state.global_step = target
                 if state.global_step >= state.max_steps:
@@ -440,15 +439,9 @@ def lightning_callback(config: JumpConfig = JumpConfig(), loss_fn: Callable | No
             self.jumper.record(trainer.global_step, self.jumper.params(pl_module))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            j = self.jumper
-            j.real_steps += 1
             step = trainer.global_step
-            if step % config.record_every == 0 or step in config.at:
-                j.record(step, j.params(pl_module))
-            if not j.due(step):
-                return
-            target = j.try_jump(pl_module, step, loss_fn, trainer.optimizers[0] if trainer.optimizers else None)
-            if target is None or not config.advance:
+            target = self.jumper.step(pl_module, step, loss_fn, trainer.optimizers[0] if trainer.optimizers else None)
+            if target is None:
                 return
             delta = target - step
             progress = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step

@@ -72,11 +72,15 @@ def _torch_facts(path: Path, allow_pickle: bool) -> dict | None:
     obj = _load(path, allow_pickle)
     if not isinstance(obj, dict) or not isinstance(obj.get("lr_schedulers"), list):
         return None
-    keep = (int, float, bool, str)
-    schedulers = [{k: (_floats(v) if isinstance(v, list) else v) for k, v in s.items() if isinstance(v, keep)
-                   or (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v))}
-                  for s in obj["lr_schedulers"] if isinstance(s, dict)]
+    schedulers = [scheduler_state(s) for s in obj["lr_schedulers"] if isinstance(s, dict)]
     return {"format": "torch", "schedulers": schedulers, "global_step": obj.get("global_step")}
+
+
+def scheduler_state(state: dict) -> dict:
+    """The JSON-able part of a torch LR scheduler's state_dict: numbers, strings, lists of numbers."""
+    keep = (int, float, bool, str)
+    return {k: (_floats(v) if isinstance(v, list) else v) for k, v in state.items()
+            if isinstance(v, keep) or (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v))}
 
 
 def _load(path: Path, allow_pickle: bool):
