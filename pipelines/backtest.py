@@ -20,7 +20,7 @@ from farcast_core.errors import ForecastError, ScheduleEndError
 from farcast_core.forecaster import FitConfig, Forecasters, apply
 from farcast_core.series import at, backtest_row
 from farcast_core.timeaxis import TimeAxis
-from pipelines.fit import fit_store, resolve_target, time_axis
+from pipelines.fit import fit_store, resolve_target, standstill, time_axis
 from storage.store import RunStore
 
 
@@ -71,8 +71,9 @@ def backtest(
     if compare_axes and forecasters is None and axis.schedule is not None:
         other = TimeAxis("steps") if axis.name == "lr" else TimeAxis("lr", axis.schedule, axis.source)
         try:
-            if np.any(np.diff(other.times(steps)) <= 0):
-                raise ForecastError("cumulative learning rate stands still between two checkpoints")
+            why = standstill(other, steps)
+            if why:
+                raise ForecastError(why)
             axes[other.name] = _summary(_evaluate(store, other, b, config, None))
         except ForecastError as e:
             axes[other.name] = {"error": str(e)}

@@ -29,16 +29,23 @@ from storage.store import RunStore
 def time_axis(store: RunStore, config: FitConfig) -> TimeAxis:
     """The time axis for this run: config.axis, with the schedule stated or recorded at ingest."""
     axis = timeaxis.choose(config.axis, config.schedule, store.schedule)
-    if axis.name == "lr" and len(store.steps) > 1:
-        t = axis.times(store.steps)
-        flat = np.flatnonzero(np.diff(t) <= 0)
-        if flat.size:
-            a, b = store.steps[flat[0]], store.steps[flat[0] + 1]
-            why = f"the learning rate is zero between steps {a} and {b}, so cumulative learning rate stands still there"
-            if config.axis == "lr":
-                raise ForecastError(f"--axis lr: {why}; use --axis steps")
-            return TimeAxis("steps", axis.schedule, axis.source, why)
+    why = standstill(axis, store.steps)
+    if why:
+        if config.axis == "lr":
+            raise ForecastError(f"--axis lr: {why}; use --axis steps")
+        return TimeAxis("steps", axis.schedule, axis.source, why)
     return axis
+
+
+def standstill(axis: TimeAxis, steps: list[int]) -> str | None:
+    """Why ``axis`` cannot order these checkpoints (time stands still between two), or None."""
+    if axis.name != "lr" or len(steps) < 2:
+        return None
+    flat = np.flatnonzero(np.diff(axis.times(steps)) <= 0)
+    if not flat.size:
+        return None
+    a, b = steps[flat[0]], steps[flat[0] + 1]
+    return f"the learning rate is zero between steps {a} and {b}, so cumulative learning rate stands still there"
 
 
 def resolve_target(
