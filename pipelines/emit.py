@@ -335,9 +335,7 @@ def _patch_container(ctx: _Ctx, obj: dict) -> None:
         _advance_scheduler(sched, ctx.newest_step, ctx.target, ctx.lr_factor)
     if per_step and ctx.lr_factor is not None:  # the first resumed step uses the optimizer's own lr
         for opt in obj.get("optimizer_states", []) or []:
-            for group in opt.get("param_groups", []):
-                if "initial_lr" in group:
-                    group["lr"] = group["initial_lr"] * ctx.lr_factor
+            _set_lr(opt, ctx.lr_factor)
     if ctx.config.optimizer == "reset":
         for opt in obj.get("optimizer_states", []) or []:
             opt["state"] = {}
@@ -372,10 +370,15 @@ def _write_optimizer(ctx: _Ctx, src: Path, dst: Path, lr_factor: float | None) -
     if ctx.config.optimizer == "reset":
         opt["state"] = {}  # same parameter groups (lr, betas, ...), fresh moments
     if lr_factor is not None:
-        for group in opt["param_groups"]:
-            if "initial_lr" in group:
-                group["lr"] = group["initial_lr"] * lr_factor
+        _set_lr(opt, lr_factor)
     writers.save_torch(opt, dst)
+
+
+def _set_lr(optimizer_state: dict, factor: float) -> None:
+    """Each parameter group's learning rate: its schedule's base (initial_lr) times ``factor``."""
+    for group in optimizer_state.get("param_groups", []):
+        if "initial_lr" in group:
+            group["lr"] = group["initial_lr"] * factor
 
 
 def _schedule_factor(axis, target: int) -> float | None:
