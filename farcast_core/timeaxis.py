@@ -79,7 +79,7 @@ class TimeAxis:
                 f"(cumulative learning rate {tau[-1]:.6g}, the target needs {t:.6g}); "
                 f"use --target-step {limit} to forecast the end of training"
             )
-        hi = int(np.searchsorted(tau, t, side="left"))
+        hi = min(int(np.searchsorted(tau, t, side="left")), limit)  # t may exceed tau[limit] by rounding
         s = hi if hi == 0 or abs(tau[hi] - t) <= abs(t - tau[hi - 1]) else hi - 1
         return min(max(s, after + 1), limit)
 

@@ -156,6 +156,13 @@ def test_forecasting_the_end_of_training_and_refusing_past_it(cosine_run, tmp_pa
     assert "lr" in r.backtest["axes"]
 
 
+def test_a_ratio_landing_exactly_on_the_schedule_end():
+    """Constant rate, 400 steps, seen to 200, ratio 2: step 400 (tau rounds a hair past tau(400))."""
+    axis = choose("auto", {"name": "constant", "peak_lr": 3e-4, "total": 400}, None)
+    steps = list(range(0, 201, 20))
+    assert resolve_target(steps, None, 2.0, axis) == (pytest.approx(2.0), 400)
+
+
 def test_ambiguous_or_missing_logs_fall_back_to_steps_and_say_why():
     # one logged rate cannot tell a schedule
     axis = choose("auto", None, {"format": "hf", "logged": [[10, 1e-3]], "max_steps": 100})
