@@ -28,3 +28,11 @@ class ForecastError(FarcastError, ValueError):
 
 class ScheduleEndError(ForecastError):
     """The target lies past the end of the run's learning-rate schedule."""
+
+
+class StoreLockedError(StoreError):
+    """Another process is writing the store (or its forecaster files) now."""
+
+
+class ConfigError(FarcastError, ValueError):
+    """An option or setting has a value farcast cannot use."""

@@ -4,7 +4,12 @@ Incremental and idempotent: steps already in the store are left alone, new steps
 appended in step order, and a step older than the newest stored one is refused (the store
 keeps rows in step order; re-ingest into a new store to add it). Every new step is checked
 against the store's tensors from headers alone before a byte is written; a step becomes
-visible only when its commit record is written, after all its data.
+visible only when its commit record is written, after all its data. One writer at a time
+(``StoreLock``); what a killed writer left behind is removed first.
+
+Provenance: each commit records the step's absolute path and every file's size and mtime, so
+a later ingest or emit can tell the checkpoint it saw from one rewritten since (a run
+restarted into the same directory).
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ from typing import Callable
 
 from farcast_core.chunks import plan
 from farcast_core.dtypes import DTYPES, nonfinite
-from farcast_core.errors import SequenceMismatchError, StoreError
-from storage.checkpoints import Checkpoint, TensorInfo, discover, open_checkpoint
+from farcast_core.errors import CheckpointError, ConfigError, SequenceMismatchError, StoreError
+from storage.checkpoints import Checkpoint, Discovery, TensorInfo, discover, file_manifest, manifest_change, open_checkpoint
+from storage.lock import StoreLock
 from storage.schedules import read_schedule_facts
-from storage.store import RunStore, TensorMeta, array_path
+from storage.store import RunStore, TensorMeta, array_path, check_store_path
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,12 @@ class IngestConfig:
     allow_pickle: bool = False
     # Threads reading and writing chunks of one step; each owns whole chunks.
     workers: int = 4
+
+    def __post_init__(self):
+        if not isinstance(self.memory_budget_mb, int) or self.memory_budget_mb < 1:
+            raise ConfigError(f"memory budget must be a whole number of MiB >= 1, got {self.memory_budget_mb!r}")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"workers must be a whole number >= 1, got {self.workers!r}")
 
 
 @dataclass
@@ -59,15 +71,21 @@ def ingest(
     ``on_step(step, done, total)`` is called after each step is committed.
     """
     found = discover(ckpt_dir)
-    root = found.root.resolve()
+    root = found.root
     _refuse_store_inside(store_url, root)
-    budget = config.memory_budget_mb * 2**20
-    store = RunStore.open_or_create(
-        store_url, root, found.layout, {"memory_budget_mb": config.memory_budget_mb}
-    )
+    check_store_path(store_url)
+    with StoreLock(store_url):
+        store = RunStore.open_or_create(store_url, root, found.layout, {"memory_budget_mb": config.memory_budget_mb})
+        store.sweep()
+        return _ingest_locked(found, store, config, on_step)
+
+
+def _ingest_locked(found: Discovery, store: RunStore, config: IngestConfig, on_step) -> IngestReport:
+    root, store_url = found.root, store.url
     report = IngestReport(store=str(store_url), skipped=[(str(p), why) for p, why in found.skipped])
     if store.layout != found.layout:
         raise StoreError(f"{store_url}: was made from a '{store.layout}' layout, {root} is now '{found.layout}'")
+    _check_unchanged(store, found)
 
     have = set(store.steps)
     report.present = [c.step for c in found.checkpoints if c.step in have]
@@ -80,12 +98,13 @@ def ingest(
         )
     if not new:
         report.tensors = len(store.tensors)
+        _reread_schedule(store, found, config)
         return report
 
     # Plan every new step from its headers before writing anything.
     infos = [_headers(c, config) for c in new]
-    if not store.tensors:
-        store.define_tensors(_metas(infos[0], budget))
+    if not have:
+        store.define_tensors(_metas(infos[0], config.memory_budget_mb * 2**20))
     expected = store.tensors
     for c, info in zip(new, infos):
         _check_same(c, info, expected)
@@ -97,11 +116,16 @@ def ingest(
 
     store.reserve(len(have) + len(new))
     row = len(have)
-    with ThreadPoolExecutor(max(1, config.workers)) as pool:
+    with ThreadPoolExecutor(config.workers) as pool:
         for i, c in enumerate(new):
+            files = file_manifest(c.path)
             flagged, nbytes = _write_step(c, row, store, config, pool)
+            changed = manifest_change(c.path, files)
+            if changed:
+                raise CheckpointError(f"{changed} while step {c.step} was being ingested; nothing of it was committed: rerun")
             facts = read_schedule_facts(c, config.allow_pickle)
-            store.commit({"step": c.step, "sources": [str(f) for f in c.files], "nonfinite": flagged}, facts)
+            store.commit(row, {"step": c.step, "path": str(c.path), "sources": [str(f) for f in c.files],
+                               "files": files, "nonfinite": flagged}, facts)
             report.added.append(c.step)
             report.bytes_written += nbytes
             if flagged:
@@ -110,6 +134,31 @@ def ingest(
             if on_step:
                 on_step(c.step, i + 1, len(new))
     return report
+
+
+def _check_unchanged(store: RunStore, found: Discovery) -> None:
+    """Refuse a run whose already-ingested checkpoints were rewritten (a restart into the same directory)."""
+    by_step = {c.step: c for c in found.checkpoints}
+    for rec in store.step_records:
+        c = by_step.get(rec["step"])
+        if c is None or "files" not in rec:  # rotated away, or ingested before provenance was recorded
+            continue
+        changed = manifest_change(c.path, rec["files"])
+        if changed:
+            raise StoreError(
+                f"{changed}: step {rec['step']} in {store.url} no longer matches its checkpoint; the run was "
+                f"restarted into {found.root} or the checkpoint rewritten. Ingest into a new --store"
+            )
+
+
+def _reread_schedule(store: RunStore, found: Discovery, config: IngestConfig) -> None:
+    """Schedule facts that the newest step's files did not give at its commit, read again now."""
+    if store.schedule is not None or not store.steps:
+        return
+    newest = next((c for c in found.checkpoints if c.step == store.steps[-1]), None)
+    facts = newest and read_schedule_facts(newest, config.allow_pickle)
+    if facts:
+        store.set_schedule(facts)
 
 
 def _refuse_store_inside(store_url, root: Path) -> None:

@@ -139,7 +139,7 @@ class Jumper:
             for i in range(m.plan.n_chunks):
                 a, b = m.plan.bounds(i)
                 self.store.write(name, self.rows, a, flat[a:b])
-        self.store.commit({"step": int(step), "sources": [], "nonfinite": bad})
+        self.store.commit(self.rows, {"step": int(step), "sources": [], "nonfinite": bad})
         self.rows += 1
 
     def _create(self, params: dict[str, torch.Tensor]) -> None:

@@ -14,6 +14,7 @@ Readers return values in the store's representation (``farcast_core.dtypes``): e
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -119,17 +120,24 @@ def _dir_complete(d: Path, kind: str, trainer_run: bool, step: int) -> str | Non
     """Why a step directory is incomplete, or None if it is complete."""
     if kind == "dcp":
         return None if (d / ".metadata").is_file() else "no .metadata yet (dcp.save writes it last)"
-    if trainer_run and not (d / "trainer_state.json").is_file():
+    state = d / "trainer_state.json"
+    if trainer_run and not state.is_file():
         plain = not any((d / f).exists() for f in TRAINER_FILES)
         if step == 0 and plain:
             return None  # a save_pretrained dir of the initial weights counts as step 0
         return "no trainer_state.json yet (the Trainer writes it last): still being written?"
+    if state.is_file():
+        try:
+            if not isinstance(json.loads(state.read_bytes()), dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            return f"trainer_state.json does not parse ({type(e).__name__}): still being written, or damaged?"
     return None
 
 
 def discover(root: str | os.PathLike) -> Discovery:
-    """The complete checkpoints under ``root``, in step order; raises CheckpointError if none."""
-    root = Path(root)
+    """The complete checkpoints under ``root`` (absolute paths), in step order; raises CheckpointError if none."""
+    root = Path(root).resolve()
     if not root.exists():
         raise CheckpointError(f"{root}: no such directory; point farcast at the directory your trainer saves into")
     if not root.is_dir():
@@ -197,6 +205,52 @@ def _discover_files(root: Path, files, skipped) -> Discovery:
     return Discovery(root, "files", [by_step[s] for s in sorted(by_step)], skipped)
 
 
+# ---------------------------------------------------------------- provenance
+
+
+def file_manifest(path: Path) -> dict[str, list[int]]:
+    """{file: [size, mtime_ns]} of a step (its directory's files, recursively, or the step file itself).
+
+    Recorded at ingest, so that emit and later ingests can tell the same checkpoint from a
+    rewritten one (a run restarted into the same directory writes the same names again).
+    """
+    path = Path(path)
+    if path.is_file():
+        st = path.stat()
+        return {path.name: [st.st_size, st.st_mtime_ns]}
+    out = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[p.relative_to(path).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def manifest_change(path: Path, recorded: dict[str, list[int]]) -> str | None:
+    """How the step at ``path`` differs from its ``recorded`` manifest, or None if it is the same."""
+    path = Path(path)
+    if not path.exists():
+        return f"{path}: is gone"
+    base = path if path.is_dir() else path.parent
+    now = file_manifest(path)
+    for name, (size, mtime) in recorded.items():
+        if name not in now:
+            return f"{base / name}: is gone"
+        if now[name] != [size, mtime]:
+            return (f"{base / name}: changed since it was ingested (size {size} -> {now[name][0]} bytes, "
+                    f"modified {_when(mtime)} -> {_when(now[name][1])})")
+    extra = sorted(set(now) - set(recorded))
+    if extra:
+        return f"{base / extra[0]}: appeared since the checkpoint was ingested"
+    return None
+
+
+def _when(ns: int) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
+
+
 # ---------------------------------------------------------------- readers
 
 
@@ -231,23 +285,79 @@ def open_checkpoint(ckpt: Checkpoint, allow_pickle: bool = False) -> CheckpointR
 _DAMAGED = "the file is incomplete or damaged: re-save it, or move this checkpoint aside and rerun"
 
 
+MAX_HEADER = 100_000_000  # bytes; the safetensors library's own limit
+
+
 def read_safetensors_header(path: Path) -> tuple[int, dict]:
-    """(data start offset, header dict) of a safetensors file, validated against its size."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated ({size} bytes, no safetensors header); {_DAMAGED}")
-        n = int.from_bytes(head, "little")
-        if n > min(size - 8, 100_000_000):
-            raise CheckpointError(f"{path}: bad safetensors header (length {n} > file size {size}); {_DAMAGED}")
-        raw = f.read(n)
+    """(data start offset, header dict) of a safetensors file, validated as the safetensors library does.
+
+    Accepted exactly when ``safetensors.safe_open`` accepts the file: a JSON object header of at
+    most 100 MB that fits the file; every tensor with a known dtype, a shape and data offsets;
+    the tensors, ordered by offset, tile the data section from byte 0 without gap or overlap, each
+    exactly as long as its shape and dtype need, and end where the file ends.
+    """
     try:
-        header = json.loads(raw)
-        assert isinstance(header, dict)
-    except (ValueError, AssertionError) as e:
-        raise CheckpointError(f"{path}: bad safetensors header (not JSON); {_DAMAGED}") from e
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated ({size} bytes, no safetensors header); {_DAMAGED}")
+            n = int.from_bytes(head, "little")
+            if n > MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{path}: bad safetensors header (length {n}, file size {size}); {_DAMAGED}")
+            raw = f.read(n)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: vanished while being read (rotated by the trainer?); rerun") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise CheckpointError(f"{path}: bad safetensors header (not JSON, or not an object); {_DAMAGED}") from e
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: bad safetensors header (__metadata__ is not a map of strings); {_DAMAGED}")
+    spans = []
+    for name, h in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            if not isinstance(h["shape"], list) or len(h["data_offsets"]) != 2:
+                raise ValueError("bad shape or offsets")
+            dtype = DTYPES[SAFETENSORS_DTYPES[h["dtype"]]]
+            shape = tuple(_uint(d) for d in h["shape"])
+            begin, end = (_uint(o) for o in h["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: tensor '{name}': unsupported or bad header entry {h}; {_DAMAGED}") from e
+        spans.append((begin, end, name, math.prod(shape) * dtype.storage.itemsize))
+    pos = 0
+    for begin, end, name, nbytes in sorted(spans):
+        if begin != pos or end < begin:
+            raise CheckpointError(
+                f"{path}: tensor '{name}': data offsets [{begin}, {end}] "
+                + ("overlap the previous tensor" if begin < pos else "leave a gap after the previous tensor" if begin > pos
+                   else "are reversed")
+                + f"; {_DAMAGED}"
+            )
+        if end - begin != nbytes:
+            raise CheckpointError(f"{path}: tensor '{name}': header size does not match shape and dtype; {_DAMAGED}")
+        pos = end
+    if 8 + n + pos > size:
+        cut = next(name for _, end, name, _ in sorted(spans) if 8 + n + end > size)
+        raise CheckpointError(
+            f"{path}: truncated: tensor '{cut}' ends at byte {8 + n + header[cut]['data_offsets'][1]} but the file "
+            f"has {size}; {_DAMAGED}"
+        )
+    if 8 + n + pos < size:
+        raise CheckpointError(f"{path}: {size - 8 - n - pos} bytes after the last tensor; {_DAMAGED}")
     return 8 + n, header
+
+
+def _uint(v) -> int:
+    """A JSON non-negative integer (safetensors' usize): no bools, no floats, no negatives."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v >= 2**64:
+        raise ValueError(f"{v!r} is not a non-negative integer")
+    return v
 
 
 class SafetensorsReader(CheckpointReader):
@@ -258,26 +368,13 @@ class SafetensorsReader(CheckpointReader):
         for path in files:
             if not path.is_file():
                 raise CheckpointError(f"{path}: listed in the shard index but missing; {_DAMAGED}")
-            base, header = read_safetensors_header(path)
-            size = path.stat().st_size
+            base, header = read_safetensors_header(path)  # validated: offsets tile the data exactly
             for name, h in header.items():
                 if name == "__metadata__":
                     continue
-                try:
-                    dtype = DTYPES[SAFETENSORS_DTYPES[h["dtype"]]]
-                    shape = tuple(int(d) for d in h["shape"])
-                    begin, end = (int(o) for o in h["data_offsets"])
-                except (KeyError, TypeError, ValueError) as e:
-                    raise CheckpointError(f"{path}: tensor '{name}': unsupported or bad header entry {h}") from e
-                info = TensorInfo(name, shape, dtype.name, str(path))
-                if end - begin != info.numel * dtype.storage.itemsize:
-                    raise CheckpointError(f"{path}: tensor '{name}': header size does not match shape {list(shape)}; {_DAMAGED}")
-                if base + end > size:
-                    raise CheckpointError(
-                        f"{path}: truncated: tensor '{name}' ends at byte {base + end} but the file has {size}; {_DAMAGED}"
-                    )
-                self.tensors[name] = info
-                self._where[name] = (path, base + begin, dtype.storage)
+                dtype = DTYPES[SAFETENSORS_DTYPES[h["dtype"]]]
+                self.tensors[name] = TensorInfo(name, tuple(h["shape"]), dtype.name, str(path))
+                self._where[name] = (path, base + h["data_offsets"][0], dtype.storage)
         self._fds: dict[Path, int] = {}
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -285,7 +382,11 @@ class SafetensorsReader(CheckpointReader):
         stop = self.tensors[name].numel if stop is None else stop
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            try:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            except FileNotFoundError as e:
+                raise CheckpointError(f"{path}: vanished while being read (rotated by the trainer?); nothing of this "
+                                      "step was committed: rerun") from e
         out = np.empty(stop - start, dtype=np_dtype)
         view = memoryview(out).cast("B")
         want, pos, got = view.nbytes, offset + start * np_dtype.itemsize, 0
@@ -337,31 +438,42 @@ class TorchReader(CheckpointReader):
 
     @staticmethod
     def _load(path: Path, allow_pickle: bool):
-        import torch
-
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in the shard index but missing; {_DAMAGED}")
-        try:
-            try:
-                return torch.load(path, map_location="cpu", mmap=True, weights_only=not allow_pickle)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                # legacy (pre-zip) torch.save format cannot be memory-mapped
-                return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-        except Exception as e:  # torch raises many types for one cause: the file is not loadable
-            if "weights_only" in str(e) or "Unsupported global" in str(e):
-                raise CheckpointError(
-                    f"{path}: holds pickled Python objects beyond tensors; if you trust this file, "
-                    f"rerun with --allow-pickle"
-                ) from e
-            raise CheckpointError(f"{path}: cannot be loaded by torch.load ({type(e).__name__}); {_DAMAGED}") from e
+        return load_torch_file(path, allow_pickle, mmap=True)
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         return to_storage(self._data[name].reshape(-1)[start:stop])
 
     def close(self) -> None:
         self._data = {}
+
+
+def load_torch_file(path: Path, allow_pickle: bool = False, mmap: bool = False):
+    """``torch.load`` on the CPU (tensors only unless ``allow_pickle``); every failure a CheckpointError."""
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            return torch.load(path, map_location="cpu", mmap=mmap, weights_only=not allow_pickle)
+        except RuntimeError as e:
+            if not mmap or "mmap" not in str(e):
+                raise
+            # legacy (pre-zip) torch.save format cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: vanished while being read (rotated by the trainer?); rerun") from e
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    except Exception as e:  # torch raises many types for one cause: the file is not loadable
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path}: holds pickled Python objects beyond tensors; if you trust this file, "
+                f"rerun with --allow-pickle"
+            ) from e
+        raise CheckpointError(f"{path}: cannot be loaded by torch.load ({type(e).__name__}); {_DAMAGED}") from e
 
 
 class DCPReader(CheckpointReader):

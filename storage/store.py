@@ -12,13 +12,18 @@ Layout (all metadata is JSON in ``zarr.json`` files, readable without farcast):
                                 uncompressed; bf16/fp8 as exact uint16/uint8 bit patterns
 
 A step is visible only once its entry is appended to ``steps``, which is written last and
-atomically (zarr's LocalStore writes a temporary file and renames it). Rows past the
-committed ones are leftovers of an interrupted ingest and are overwritten by the next one.
+atomically (zarr's LocalStore writes a temporary file and renames it); the tensor manifest is
+written in the same write as the first step, so a failed first ingest leaves no manifest
+behind. Rows past the committed ones are leftovers of an interrupted ingest and are
+overwritten by the next one. Writers hold ``storage.lock.StoreLock``; ``commit`` re-reads the
+record from storage and refuses to commit a row that is not the next one, so a committed row
+is never rewritten.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,9 +35,12 @@ import zarr
 from farcast_core.chunks import ChunkPlan
 from farcast_core.dtypes import DTYPES
 from farcast_core.errors import StoreError
+from storage.lock import LOCK_NAME
 
 FORMAT = 1
 VERSION = "0.1.0"
+TMP_DIR = ".farcast-tmp"  # chunk files being written (local stores); removed by the next writer
+OURS = {LOCK_NAME, TMP_DIR}  # entries of a store directory that are farcast's, not zarr's
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,8 @@ class RunStore:
     def open(cls, url: str | os.PathLike) -> "RunStore":
         """An existing store; StoreError if there is none at ``url``."""
         url = str(url)
+        if _is_local(url) and _local_path(url).is_file():
+            raise StoreError(f"{url}: is a file, not a store directory; pick another --store path")
         if _is_local(url) and not (_local_path(url) / "zarr.json").is_file():
             raise StoreError(f"{url}: no farcast store here; create one with 'farcast ingest CKPT_DIR --store {url}'")
         try:
@@ -104,6 +114,7 @@ class RunStore:
     def open_or_create(cls, url: str | os.PathLike, source: Path, layout: str, config: dict) -> "RunStore":
         """The store for the run at ``source``, created empty if absent."""
         url = str(url)
+        check_store_path(url)
         exists = (_local_path(url) / "zarr.json").is_file() if _is_local(url) else _remote_exists(url)
         if exists:
             store = cls.open(url)
@@ -112,10 +123,6 @@ class RunStore:
                     f"{url}: holds the run from {store.source}, not {source}; use one store per run (another --store path)"
                 )
             return store
-        if _is_local(url):
-            p = _local_path(url)
-            if p.exists() and any(p.iterdir()):
-                raise StoreError(f"{url}: exists and is not empty; pick an empty or new --store path")
         group = zarr.open_group(url, mode="w", zarr_format=3)
         group.attrs.put(
             {
@@ -153,12 +160,14 @@ class RunStore:
 
     @property
     def tensors(self) -> dict[str, TensorMeta]:
+        """The tensors of the run: recorded with the first step, or defined and not yet committed."""
         if self._tensors is None:
-            self._tensors = {n: TensorMeta.from_json(d) for n, d in self.group.attrs["tensors"].items()}
+            recorded = self.group.attrs["tensors"] if self.group.attrs["steps"] else {}  # else: a failed first ingest's
+            self._tensors = {n: TensorMeta.from_json(d) for n, d in recorded.items()}
         return self._tensors
 
     def define_tensors(self, metas: list[TensorMeta]) -> None:
-        """Create one empty array per tensor (first ingest only), then record the manifest."""
+        """Create one empty array per tensor (before the first step); the manifest is committed with it."""
         if self.steps:
             raise StoreError(f"{self.url}: tensors are fixed once a step is committed")
         for m in metas:
@@ -172,8 +181,7 @@ class RunStore:
                 attributes=asdict(m),
                 overwrite=True,  # leftovers of an interrupted first ingest
             )
-        self.group.attrs["tensors"] = {m.name: asdict(m) for m in metas}
-        self._arrays, self._tensors = {}, None
+        self._arrays, self._tensors = {}, {m.name: m for m in metas}
 
     def reserve(self, rows: int) -> None:
         """Make every array exactly ``rows`` rows long (rows past the committed ones are scratch)."""
@@ -187,10 +195,49 @@ class RunStore:
         """What the newest committed checkpoint recorded about its learning-rate schedule."""
         return self.group.attrs.get("schedule")
 
-    def commit(self, record: dict, schedule: dict | None = None) -> None:
-        """Make one more row visible: append its step record and schedule facts (written last, in one write)."""
-        attrs = self.group.attrs.asdict() | {"steps": self.step_records + [record], "schedule": schedule}
+    def commit(self, row: int, record: dict, schedule: dict | None = None) -> None:
+        """Make row ``row`` visible: append its step record and schedule facts (written last, in one write).
+
+        The record is re-read from storage first: ``row`` must be the next row and the step newer
+        than the newest committed one, else another writer got here first and nothing is written.
+        """
+        fresh = self._fresh_attrs()
+        steps = list(fresh["steps"])
+        if len(steps) != row or (steps and steps[-1]["step"] >= record["step"]):
+            raise StoreError(
+                f"{self.url}: changed by another writer while step {record['step']} was being written "
+                f"(it now holds {len(steps)} steps, this writer filled row {row}); nothing was committed: rerun"
+            )
+        attrs = fresh | {"steps": steps + [record], "schedule": schedule}
+        if not steps:
+            attrs["tensors"] = {n: asdict(m) for n, m in self.tensors.items()}
         self.group.update_attributes(attrs)
+
+    def set_schedule(self, schedule: dict) -> None:
+        """Record schedule facts of the newest committed step that could not be read at its commit."""
+        self.group.update_attributes(self._fresh_attrs() | {"schedule": schedule})
+
+    def _fresh_attrs(self) -> dict:
+        """The root attributes as storage holds them now (not as this handle cached them)."""
+        return dict(zarr.open_group(self.url, mode="r", zarr_format=3).attrs.asdict())
+
+    def sweep(self) -> int:
+        """Remove what killed writers left in a local store (chunk and metadata temp files); returns how many.
+
+        Call only while holding the store's lock: another writer's temp files would go too.
+        """
+        if not _is_local(self.url):
+            return 0
+        root, n = _local_path(self.url), 0
+        tmp = root / TMP_DIR
+        if tmp.is_dir():
+            n += sum(1 for _ in tmp.iterdir())
+            shutil.rmtree(tmp, ignore_errors=True)
+        for d in [root, *(p for p in (root / "params").glob("*") if p.is_dir())]:
+            for p in d.glob("*.partial"):  # zarr's own temporary metadata files
+                p.unlink(missing_ok=True)
+                n += 1
+        return n
 
     # ------------------------------------------------------------ chunk I/O (safe from workers)
 
@@ -212,10 +259,16 @@ class RunStore:
         if values.size < m.chunk:  # zarr keeps edge chunks full size, padded with the fill value
             values = np.concatenate([values, np.zeros(m.chunk - values.size, dtype=values.dtype)])
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-        with open(tmp, "wb") as f:
-            f.write(memoryview(np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<"), copy=False))).cast("B"))
-        os.replace(tmp, path)
+        tmp_dir = _local_path(self.url) / TMP_DIR
+        tmp_dir.mkdir(exist_ok=True)
+        tmp = tmp_dir / f"{os.getpid()}.{threading.get_ident()}.partial"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(memoryview(np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<"), copy=False))).cast("B"))
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(path)) from e
 
     def _chunk_file(self, name: str, row: int, start: int, values: np.ndarray) -> Path | None:
         """The chunk file to write directly, or None where zarr's own write path is needed."""
@@ -260,6 +313,18 @@ class RunStore:
         for r in self.step_records[:n_rows]:
             out.update(r.get("nonfinite", []))
         return out
+
+
+def check_store_path(url: str | os.PathLike) -> None:
+    """Refuse a local --store path that is a file or a non-empty directory other than a store (before locking it)."""
+    url = str(url)
+    if not _is_local(url):
+        return
+    p = _local_path(url)
+    if p.is_file():
+        raise StoreError(f"{url}: is a file, not a store directory; pick another --store path")
+    if p.is_dir() and not (p / "zarr.json").is_file() and any(c.name not in OURS for c in p.iterdir()):
+        raise StoreError(f"{url}: exists and is not empty; pick an empty or new --store path")
 
 
 def _remote_exists(url: str) -> bool:
