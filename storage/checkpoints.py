@@ -465,8 +465,8 @@ def load_torch_file(path: Path, allow_pickle: bool = False, mmap: bool = False):
             return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: vanished while being read (rotated by the trainer?); rerun") from e
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(path)) from e
+    except PermissionError as e:
+        raise PermissionError(e.errno, e.strerror, str(path)) from e
     except Exception as e:  # torch raises many types for one cause: the file is not loadable
         if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
             raise CheckpointError(
