@@ -28,7 +28,7 @@ from pipelines import backtest as backtest_mod  # noqa: E402
 from pipelines import emit as emit_mod  # noqa: E402
 from pipelines import fit as fit_mod  # noqa: E402
 from pipelines import ingest as ingest_mod  # noqa: E402
-from storage.artifacts import default_forecaster_path, save_forecasters  # noqa: E402
+from storage.artifacts import default_forecaster_path  # noqa: E402
 from storage.store import RunStore  # noqa: E402
 
 DISK_RETRIES = dict(retries=2, retry_delay_seconds=2)
@@ -86,9 +86,7 @@ def save_forecasters_task(store: str, n_rows: int, rho: float, target: int, fit_
     cfg = FitConfig.from_json(fit_config)
     plan = fit_mod.plan_fit(s, n_rows, rho, cfg, TimeAxis.from_json(axis))
     fc = fit_mod.assemble(plan, cfg, [(torch.tensor(p["A"], dtype=torch.float64), torch.tensor(p["b"], dtype=torch.float64)) for p in parts])
-    path = default_forecaster_path(store, target)
-    save_forecasters(fc, path, {"store": store, "target_step": target, "source": s.source})
-    return str(path)
+    return str(fit_mod.save(s, fc, default_forecaster_path(store, target), target))
 
 
 @task(name="emit", **DISK_RETRIES)

@@ -23,15 +23,15 @@ import numpy as np
 import torch
 
 from farcast_core.calibration import feature_interps
-from farcast_core.dtypes import DTYPES, from_storage, to_storage, widen
-from farcast_core.errors import ForecastError, StoreError
+from farcast_core.dtypes import DTYPES, from_storage, nonfinite, to_storage, widen
+from farcast_core.errors import ConfigError, ForecastError, StoreError
 from farcast_core.forecaster import FitConfig, Forecasters
 from farcast_core.series import at
 from pipelines.backtest import backtest
 from farcast_core.schedules import multiplier
 from pipelines.fit import fit_store, resolve_target, time_axis
 from storage import writers
-from storage.checkpoints import HF_INDEXES, read_safetensors_header
+from storage.checkpoints import HF_INDEXES, manifest_change, read_safetensors_header
 from storage.store import VERSION, RunStore, TensorMeta
 
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
@@ -44,6 +44,15 @@ class EmitConfig:
     force: bool = False  # replace an existing output
     allow_worse: bool = False  # emit even when the backtest says the farcaster is worse than persistence
     allow_pickle: bool = False  # load torch pickles that hold Python objects beyond tensors
+    # A tensor emitted unforecast (non-finite in the history) that is NaN/Inf at the newest step:
+    # refuse (default), or take its values from the newest step where it is finite.
+    nonfinite: str = "refuse"
+
+    def __post_init__(self):
+        if self.optimizer not in ("keep", "reset"):
+            raise ConfigError(f"--optimizer must be keep or reset, got {self.optimizer!r}")
+        if self.nonfinite not in ("refuse", "last-finite"):
+            raise ConfigError(f"--nonfinite must be refuse or last-finite, got {self.nonfinite!r}")
 
 
 @dataclass
@@ -69,21 +78,12 @@ def emit(
     Uses ``forecasters`` when given (from ``farcast fit``, fitted on this run's steps for this
     target), else fits them on the whole run. ``report`` is the backtest, computed if absent.
     """
-    if config.optimizer not in ("keep", "reset"):
-        raise ForecastError(f"--optimizer must be keep or reset, got {config.optimizer!r}")
     store = RunStore.open(store_url)
     axis = time_axis(store, fit_config)
     rho, target = resolve_target(store.steps, target_step, ratio, axis)
-    source = Path(store.source)
-    out = Path(out).resolve()
-    if out == source or source in out.parents:
-        raise ForecastError(f"--out {out} is inside the checkpoint directory {source}; write the forecast elsewhere "
-                            "(the trainer would take it for one of its own checkpoints)")
-    newest = store.step_records[-1]
-    sources = [Path(p) for p in newest["sources"]]
-    missing = [p for p in sources if not p.exists()]
-    if missing:
-        raise StoreError(f"{missing[0]}: the newest ingested checkpoint's files are gone (rotated?); rerun 'farcast ingest'")
+    finals = check_output(store, out, target, config)  # before any fit: a bad --out costs nothing
+    sources = newest_sources(store)
+    copy_rows(store, set(forecasters.excluded) if forecasters else excluded_tensors(store), config.nonfinite)
 
     if forecasters is not None:
         fc_axis = (forecasters.axis or {}).get("name", "steps")
@@ -103,41 +103,75 @@ def emit(
         )
     fc = forecasters or fit_store(store, len(store.steps), rho, fit_config, axis=axis)
     fit_config = fc.config
-    forecast = Forecast(store, fc)
+    forecast = Forecast(store, fc, config.nonfinite)
     metadata = {
         "farcast": json.dumps({
             "version": VERSION, "method": "farcast-1layer", "config": fit_config.to_json(),
-            "source": str(source), "source_steps": store.steps, "target_step": target, "ratio": rho,
+            "source": store.source, "source_steps": store.steps, "target_step": target, "ratio": rho,
             "axis": axis.to_json(),
-            "optimizer": config.optimizer, "excluded": fc.excluded,
+            "optimizer": config.optimizer, "excluded": fc.excluded, "copied_from": forecast.copied_from,
             "backtest": {m: v["mae"] for m, v in report["methods"].items()}
             | {"farcast_vs_persistence": report["farcast_vs_persistence"], "backtest_from": report["backtest_from"]},
         })
     }
     ctx = _Ctx(store, forecast, target, config, metadata, store.steps[-1], _schedule_factor(axis, target))
-    layout = store.layout
-    if layout in ("hf", "dirs", "dcp"):
-        src_dir = sources[0] if layout == "dcp" else sources[0].parent
-        final = out / rename_step(src_dir.name, store.steps[-1], target)
-        with writers.StagedOutput(final, config.force) as staged:
-            files = _emit_dir(ctx, src_dir, staged.tmp, sources, layout == "dcp")
+    if store.layout in ("hf", "dirs", "dcp"):
+        src_dir = sources[0] if store.layout == "dcp" else sources[0].parent
+        with writers.StagedOutput(finals[0], config.force) as staged:
+            files = _emit_dir(ctx, src_dir, staged.tmp, sources, store.layout == "dcp")
             path = staged.commit()
     else:
-        src = sources[0]
-        final = out / rename_step(src.name, store.steps[-1], target)
-        side = final.with_suffix(".safetensors") if src.suffix != ".safetensors" else None
-        if side is not None and side.exists() and not config.force:
-            raise StoreError(f"{side}: already exists; pass --force to replace it, or choose another --out")
+        src, final = sources[0], finals[0]
         with writers.StagedOutput(final, config.force) as staged:
             _write_weights(ctx, src, staged.tmp)
             files = [final.name]
-            if side is not None:
-                with writers.StagedOutput(side, True) as side_staged:
+            if len(finals) > 1:  # a torch file gets a safetensors copy of the weights beside it
+                with writers.StagedOutput(finals[1], True) as side_staged:
                     _stream_all(ctx, side_staged.tmp)
                     side_staged.commit()
-                files.append(side.name)
+                files.append(finals[1].name)
             path = staged.commit()
     return EmitResult(path, target, report, files)
+
+
+def check_output(store: RunStore, out: str | os.PathLike, target: int, config: EmitConfig = EmitConfig()) -> list[Path]:
+    """The paths emit will write for ``target``, checked: outside the run, new (or --force), writable."""
+    source = Path(store.source)
+    out = Path(out).resolve()
+    if out == source or source in out.parents:
+        raise ForecastError(f"--out {out} is inside the checkpoint directory {source}; write the forecast elsewhere "
+                            "(the trainer would take it for one of its own checkpoints)")
+    rec = store.step_records[-1]
+    newest = Path(rec["path"]) if "path" in rec else Path(rec["sources"][0]).parent if store.layout in ("hf", "dirs") \
+        else Path(rec["sources"][0])
+    final = out / rename_step(newest.name, store.steps[-1], target)
+    finals = [final]
+    if store.layout == "files" and newest.suffix != ".safetensors":
+        finals.append(final.with_suffix(".safetensors"))
+    for f in finals:
+        if f.exists() and not config.force:
+            raise StoreError(f"{f}: already exists; pass --force to replace it, or choose another --out")
+    writers.check_writable_dir(out)
+    return finals
+
+
+def newest_sources(store: RunStore) -> list[Path]:
+    """The newest committed step's weight files, checked to be the files that were ingested."""
+    rec = store.step_records[-1]
+    sources = [Path(p) for p in rec["sources"]]
+    if not all(p.is_absolute() for p in sources):
+        raise StoreError(f"{store.url}: records source paths relative to where ingest ran ({sources[0]}), "
+                         "written by an older farcast; ingest the run into a new --store")
+    if "files" in rec:
+        changed = manifest_change(Path(rec["path"]), rec["files"])
+    else:
+        changed = next((f"{p}: is gone" for p in sources if not p.exists()), None)
+    if changed:
+        raise StoreError(
+            f"{changed}: step {rec['step']}, the newest in {store.url}, is not the checkpoint that was ingested "
+            f"(rotated away, rewritten, or the run restarted into {store.source}); rerun 'farcast ingest'"
+        )
+    return sources
 
 
 def rename_step(name: str, old: int, new: int) -> str:
@@ -152,22 +186,35 @@ def rename_step(name: str, old: int, new: int) -> str:
 
 
 class Forecast:
-    """The target-step values of every tensor, chunk by chunk, in the store's representation."""
+    """The target-step values of every tensor, chunk by chunk, in the store's representation.
 
-    def __init__(self, store: RunStore, fc: Forecasters):
+    Tensors not forecast (buffers, floats excluded for NaN/Inf in the history) are copied from
+    the newest step; a float among them that is NaN/Inf there is refused, or with
+    ``nonfinite="last-finite"`` copied from the newest step where it is finite.
+    """
+
+    def __init__(self, store: RunStore, fc: Forecasters, nonfinite: str = "refuse"):
         self.store, self.fc = store, fc
         times = fc.times if fc.times is not None else store.steps
         self.app = feature_interps(np.array(times, dtype=np.float64), fc.feature_ratios)
         self.rows = sorted({r for it in self.app for r in (it.lo, it.hi)})
         self.last = len(store.steps) - 1
         self.row_of = fc.row()
+        forecast = {name for name, _ in self.row_of}
+        not_forecast = {n for n, m in store.tensors.items() if m.kind == "float" and n not in forecast}
+        self.copy_row = copy_rows(store, not_forecast, nonfinite)  # tensor -> row copied, where not the newest
+        self.copied_from = {n: store.steps[r] for n, r in self.copy_row.items()}
 
     def chunk(self, m: TensorMeta, i: int) -> np.ndarray:
         """Chunk ``i`` of tensor ``m`` at the target step, in the store's representation."""
         lo, hi = m.plan.bounds(i)
         k = self.row_of.get((m.name, i))
-        if k is None:  # buffers and excluded tensors: the newest values, bit for bit
-            return self.store.read(m.name, [self.last], lo, hi)[0]
+        if k is None:  # buffers and excluded tensors: the newest (finite) values, bit for bit
+            values = self.store.read(m.name, [self.copy_row.get(m.name, self.last)], lo, hi)[0]
+            if m.kind == "float" and nonfinite(values, m.dtype):  # a store without per-step NaN records
+                raise ForecastError(f"tensor '{m.name}': NaN/Inf in the values to copy (values {lo}..{hi}, {m.dtype}); "
+                                    "nothing was written. Pass --nonfinite last-finite, or mend the run")
+            return values
         # float32 arithmetic is exact enough for float32-and-narrower weights and twice as fast
         dt = torch.float64 if m.dtype == "float64" else torch.float32
         v = widen(self.store.read(m.name, self.rows, lo, hi), m.dtype).to(dt)
@@ -204,6 +251,32 @@ class Forecast:
     def tensor(self, m: TensorMeta) -> torch.Tensor:
         parts = [from_storage(c, m.dtype) for c in self.chunks(m)]
         return torch.cat(parts).reshape(m.shape).clone()
+
+
+def excluded_tensors(store: RunStore) -> set[str]:
+    """The float tensors a fit on the whole run leaves unforecast: NaN/Inf at some committed step."""
+    return {n for n in store.nonfinite() if store.tensors[n].kind == "float"}
+
+
+def copy_rows(store: RunStore, not_forecast: set[str], policy: str = "refuse") -> dict[str, int]:
+    """{tensor: row} for unforecast tensors that are NaN/Inf at the newest step and copied from an earlier one.
+
+    Refuses (ForecastError naming the tensor) unless ``policy`` is "last-finite" and such a row exists.
+    """
+    records, last, out = store.step_records, len(store.steps) - 1, {}
+    for name in sorted(not_forecast):
+        if name not in records[last].get("nonfinite", []):
+            continue
+        finite = [r for r in range(last) if name not in records[r].get("nonfinite", [])]
+        if policy != "last-finite" or not finite:
+            raise ForecastError(
+                f"tensor '{name}' has NaN/Inf at step {store.steps[-1]}, the newest, and is not forecast (NaN/Inf in "
+                "its history), so it would be copied as it is; nothing was written. "
+                + (f"Pass --nonfinite last-finite to copy it from step {store.steps[finite[-1]]}, its newest finite "
+                   "values, or mend the run" if finite else "It is finite at no ingested step: mend the run")
+            )
+        out[name] = finite[-1]
+    return out
 
 
 @dataclass

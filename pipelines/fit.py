@@ -18,12 +18,14 @@ import torch
 from farcast_core import timeaxis
 from farcast_core.calibration import PairPlan, plan_pairs
 from farcast_core.dtypes import widen
-from farcast_core.errors import ForecastError
+from farcast_core.errors import ForecastError, StoreError
 from farcast_core.forecaster import FitConfig, Forecasters, default_device, fit_batch
 from farcast_core.series import pairs, sample_index
 from farcast_core.timeaxis import STEPS, TimeAxis
 from storage.artifacts import default_forecaster_path, save_forecasters
+from storage.lock import StoreLock
 from storage.store import RunStore
+from storage.writers import check_writable_dir
 
 
 def time_axis(store: RunStore, config: FitConfig) -> TimeAxis:
@@ -181,12 +183,42 @@ def fit(
     config: FitConfig = FitConfig(),
     out: str | os.PathLike | None = None,
     progress: Callable[[int, int], None] | None = None,
+    force: bool = False,
 ) -> tuple[Forecasters, Path, int]:
-    """Fit on every committed step and save the forecasters; returns (forecasters, path, target step)."""
+    """Fit on every committed step and save the forecasters; returns (forecasters, path, target step).
+
+    ``out`` (default: beside the store) is checked before fitting: never inside the run's
+    directory or the store, and an existing file is replaced only with ``force``.
+    """
     store = RunStore.open(store_url)
     axis = time_axis(store, config)
     rho, target = resolve_target(store.steps, target_step, ratio, axis)
+    path = check_forecaster_path(store, Path(out) if out else default_forecaster_path(str(store_url), target), force)
     fc = fit_store(store, len(store.steps), rho, config, progress=progress, axis=axis)
-    path = Path(out) if out else default_forecaster_path(str(store_url), target)
-    save_forecasters(fc, path, {"store": str(store_url), "target_step": target, "source": store.source})
+    save(store, fc, path, target)
     return fc, path, target
+
+
+def check_forecaster_path(store: RunStore, path: Path, force: bool) -> Path:
+    """Where a forecaster file may go: outside the run's directory and the store, new unless ``force``."""
+    path = Path(path).resolve()
+    source = Path(store.source)
+    if path == source or source in path.parents:
+        raise ForecastError(f"--out {path} is inside the checkpoint directory {source}; it would overwrite or pose as "
+                            "one of the run's checkpoints: save the forecasters elsewhere")
+    if "://" not in store.url or store.url.startswith("file://"):
+        root = Path(store.url.removeprefix("file://")).resolve()
+        if path == root or root in path.parents:
+            raise ForecastError(f"--out {path} is inside the store {root}; save the forecasters elsewhere")
+    if path.is_dir():
+        raise StoreError(f"--out {path} is a directory; --out names the forecaster file to write")
+    if path.exists() and not force:
+        raise StoreError(f"{path}: already exists; pass --force to replace it, or choose another --out")
+    check_writable_dir(path.parent)
+    return path
+
+
+def save(store: RunStore, fc: Forecasters, path: Path, target: int) -> Path:
+    """Save forecasters fitted on ``store`` (holding the store's writer lock: one writer of its files)."""
+    with StoreLock(store.url):
+        return save_forecasters(fc, path, {"store": str(store.url), "target_step": target, "source": store.source})
