@@ -9,6 +9,7 @@ L1 loss + lambda * L_grad with Adam. All chunks of a batch are one batched probl
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -35,6 +36,24 @@ class FitConfig:
     # {name, peak_lr, warmup, total, options}, preferred over what the checkpoints recorded.
     axis: str = "auto"
     schedule: dict | None = None
+
+    def __post_init__(self):
+        from farcast_core.errors import ConfigError
+
+        ints = {"horizons": 1, "max_cuts": 1, "sample": 1, "iters": 0, "linefit_k": 2, "batch_chunks": 1}
+        for name, least in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ConfigError(f"{name} must be a whole number >= {least}, got {v!r}")
+        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
+            raise ConfigError(f"lam (the regulariser's weight) must be a finite number >= 0, got {self.lam!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
+        bad = [f for f in self.extra_features if not (isinstance(f, (int, float)) and 0 < f < 1)]
+        if bad:
+            raise ConfigError(f"feature times are fractions strictly between 0 and 1, got {bad[0]!r}")
+        if self.axis not in ("auto", "steps", "lr"):
+            raise ConfigError(f"axis must be auto, steps or lr, got {self.axis!r}")
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import sys
 
 import click
@@ -10,13 +12,93 @@ import click
 from farcast_core.errors import FarcastError
 
 
+def fail(message: str, code: int = 2) -> None:
+    """Print one line to stderr and exit: how every failure a user can cause ends."""
+    click.echo(f"error: {' '.join(str(message).split())}", err=True)
+    sys.exit(code)
+
+
+def describe_os_error(e: OSError) -> str:
+    """An OS error as one line naming the path and what to do."""
+    what = e.strerror or type(e).__name__
+    where = f"{e.filename}: " if e.filename else ""
+    advice = {
+        errno.ENOSPC: "free some space, or point --store/--out at another disk, and rerun",
+        errno.EDQUOT: "free some space, or point --store/--out at another disk, and rerun",
+        errno.EACCES: "check the permissions of that path, or choose another one",
+        errno.EPERM: "check the permissions of that path, or choose another one",
+        errno.EROFS: "that file system is read-only: choose another path",
+        errno.ENOENT: "it vanished while farcast worked (rotated?): rerun",
+    }.get(e.errno, "rerun once the cause is mended")
+    return f"{where}{what} ({type(e).__name__}); {advice}"
+
+
 class _Group(click.Group):
-    def invoke(self, ctx):
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Every failure a user can cause is one line on stderr and exit status 2, never a traceback."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        _log_to_stderr()
         try:
-            return super().invoke(ctx)
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.ClickException as e:  # bad option values, unknown options, missing arguments
+            hint = f" (see '{e.ctx.command_path} --help')" if getattr(e, "ctx", None) else ""
+            fail(e.format_message() + hint, 2)
+        except click.exceptions.Abort:
+            fail("interrupted", 130)
         except FarcastError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            fail(str(e))
+        except OSError as e:
+            fail(describe_os_error(e))
+        except KeyboardInterrupt:
+            fail("interrupted; nothing half-written is left where a trainer would pick it up", 130)
+        sys.exit(0)
+
+
+def _log_to_stderr() -> None:
+    """farcast's own notices (waiting for a store's lock, taking over a dead writer's) go to stderr."""
+    import logging
+
+    log = logging.getLogger("farcast")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("farcast: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+class FiniteFloat(click.FloatRange):
+    """A float in a range that is also finite (click's FloatRange lets inf and nan through)."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return v
+
+
+def _parse_features(ctx, param, value: str) -> tuple[float, ...]:
+    if value.strip().lower() in ("", "none"):
+        return ()
+    out = []
+    for x in value.split(","):
+        if not x.strip():
+            continue
+        try:
+            f = float(x)
+        except ValueError:
+            raise click.BadParameter(f"{x.strip()!r} is not a number; give fractions like 0.5,0.8 or 'none'") from None
+        if not 0 < f < 1:
+            raise click.BadParameter(f"{f:g} is not strictly between 0 and 1; give fractions like 0.5,0.8 or 'none'")
+        out.append(f)
+    return tuple(out)
+
+
+POSITIVE = click.IntRange(min=1)
+MAX_STEP = 2**53
 
 
 @click.group(cls=_Group)
@@ -28,9 +110,9 @@ def main() -> None:
 @main.command()
 @click.argument("ckpt_dir", type=click.Path(file_okay=False))
 @click.option("--store", "store", required=True, help="Zarr store for this run (path or fsspec URL), outside CKPT_DIR.")
-@click.option("--memory-budget-mb", default=512, show_default=True, help="Memory for one chunk in flight; sets the chunk length of a new store.")
+@click.option("--memory-budget-mb", default=512, show_default=True, type=POSITIVE, help="Memory for one chunk in flight; sets the chunk length of a new store.")
 @click.option("--allow-pickle", is_flag=True, help="Load torch pickles that hold Python objects beyond tensors (only for files you trust).")
-@click.option("--workers", default=4, show_default=True, help="Threads copying chunks.")
+@click.option("--workers", default=4, show_default=True, type=POSITIVE, help="Threads copying chunks.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def ingest(ckpt_dir, store, memory_budget_mb, allow_pickle, workers, as_json) -> None:
     """Add the new checkpoints of CKPT_DIR to the run's Zarr store."""
@@ -60,23 +142,23 @@ def ingest(ckpt_dir, store, memory_budget_mb, allow_pickle, workers, as_json) ->
 
 
 def _target_options(f):
-    f = click.option("--ratio", type=float, help="Target as a ratio R on the time axis: t_0 + R (t_n - t_0) (in steps on the steps axis).")(f)
-    f = click.option("--target-step", type=int, help="Target global step S (after the newest checkpoint).")(f)
+    f = click.option("--ratio", type=FiniteFloat(min=1, min_open=True), help="Target as a ratio R on the time axis: t_0 + R (t_n - t_0) (in steps on the steps axis).")(f)
+    f = click.option("--target-step", type=click.IntRange(min=1, max=MAX_STEP), help="Target global step S (after the newest checkpoint).")(f)
     return f
 
 
 def _fit_options(f):
     f = click.option("--seed", default=0, show_default=True, help="Seed of the per-chunk parameter sample.")(f)
-    f = click.option("--sample", default=4096, show_default=True, help="Parameters sampled per chunk to fit it.")(f)
-    f = click.option("--cuts", default=8, show_default=True, help="Calibration cuts (earlier points of the run used as examples).")(f)
-    f = click.option("--features", default="0.5,0.8", show_default=True,
+    f = click.option("--sample", default=4096, show_default=True, type=POSITIVE, help="Parameters sampled per chunk to fit it.")(f)
+    f = click.option("--cuts", default=8, show_default=True, type=POSITIVE, help="Calibration cuts (earlier points of the run used as examples).")(f)
+    f = click.option("--features", default="0.5,0.8", show_default=True, callback=_parse_features,
                      help="Extra feature times besides w(s_0), w(s_c), as fractions of the way to the cut; 'none' for the paper's two features.")(f)
-    f = click.option("--lam", default=1.0, show_default=True, help="Weight of the deceleration regulariser.")(f)
+    f = click.option("--lam", default=1.0, show_default=True, type=FiniteFloat(min=0), help="Weight of the deceleration regulariser.")(f)
     f = click.option("--schedule-option", "schedule_options", multiple=True, metavar="KEY=VALUE",
                      help="Extra parameter of the stated schedule, e.g. num_cycles=2, power=2, num_decay_steps=100 (repeatable).")(f)
-    f = click.option("--total-steps", type=int, help="The stated schedule's total training steps (the Trainer's max_steps).")(f)
-    f = click.option("--warmup-steps", type=int, default=0, show_default=True, help="The stated schedule's warm-up steps.")(f)
-    f = click.option("--peak-lr", type=float, help="The stated schedule's peak learning rate (only its shape matters).")(f)
+    f = click.option("--total-steps", type=POSITIVE, help="The stated schedule's total training steps (the Trainer's max_steps).")(f)
+    f = click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True, help="The stated schedule's warm-up steps.")(f)
+    f = click.option("--peak-lr", type=FiniteFloat(min=0, min_open=True), help="The stated schedule's peak learning rate (only its shape matters).")(f)
     f = click.option("--schedule", "schedule_name", metavar="NAME",
                      help="State the learning-rate schedule (a transformers name: linear, cosine, constant, "
                           "constant_with_warmup, polynomial, inverse_sqrt, cosine_with_restarts, warmup_stable_decay) "
@@ -92,7 +174,7 @@ def _fit_config(lam, features, cuts, sample, seed, axis="auto", schedule_name=No
     from farcast_core.forecaster import FitConfig
     from farcast_core.timeaxis import stated_schedule
 
-    extra = () if features.strip().lower() in ("", "none") else tuple(float(x) for x in features.split(",") if x.strip())
+    extra = features  # parsed and checked by _parse_features
     schedule = None
     if schedule_name:
         opts = {}
@@ -130,16 +212,17 @@ def _as_store(path: str, store: str | None) -> str:
 @main.command()
 @click.argument("store")
 @_target_options
-@click.option("--out", type=click.Path(dir_okay=False), help="Forecaster file (default: beside the store).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Forecaster file (default: beside the store; outside the run's directory).")
+@click.option("--force", is_flag=True, help="Replace an existing --out file.")
 @_fit_options
-def fit(store, target_step, ratio, out, **fit_opts) -> None:
+def fit(store, target_step, ratio, out, force, **fit_opts) -> None:
     """Fit the forecasters of STORE for a target and save them (A, b per chunk, and the config)."""
     from pipelines.fit import fit as run_fit
 
     def progress(done, total):
         click.echo(f"  fitted batch {done}/{total}", err=True)
 
-    fc, path, target = run_fit(store, target_step, ratio, _fit_config(**fit_opts), out, progress)
+    fc, path, target = run_fit(store, target_step, ratio, _fit_config(**fit_opts), out, progress, force)
     from farcast_core.timeaxis import TimeAxis
 
     click.echo(TimeAxis.from_json(fc.axis).describe())
@@ -176,6 +259,9 @@ def backtest(ckpt_dir_or_store, target_step, ratio, store, forecaster, per_tenso
 
 def _emit_options(f):
     f = click.option("--allow-worse", is_flag=True, help="Emit even when the backtest says the forecast is worse than persistence.")(f)
+    f = click.option("--nonfinite", type=click.Choice(["refuse", "last-finite"]), default="refuse", show_default=True,
+                     help="A tensor left unforecast (NaN/Inf in its history) that is NaN/Inf at the newest step: refuse, "
+                          "or copy it from the newest step where it is finite.")(f)
     f = click.option("--force", is_flag=True, help="Replace an existing output.")(f)
     f = click.option("--optimizer", type=click.Choice(["keep", "reset"]), default="keep", show_default=True,
                      help="keep: copy the newest optimizer state; reset: same parameter groups, fresh state.")(f)
@@ -202,12 +288,14 @@ def _print_emitted(result, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_fit_options
 @click.option("--forecaster", type=click.Path(exists=True, dir_okay=False), help="Use forecasters saved by 'farcast fit' instead of fitting.")
-def emit(store, target_step, ratio, out, optimizer, force, allow_worse, allow_pickle, as_json, forecaster, **fit_opts) -> None:
+def emit(store, target_step, ratio, out, optimizer, force, allow_worse, nonfinite, allow_pickle, as_json, forecaster,
+         **fit_opts) -> None:
     """Write the forecast checkpoint of STORE's run at the target step, in the run's own layout."""
     from pipelines.emit import EmitConfig, emit as run_emit
     from storage.artifacts import load_forecasters
 
-    cfg = EmitConfig(optimizer=optimizer, force=force, allow_worse=allow_worse, allow_pickle=allow_pickle)
+    cfg = EmitConfig(optimizer=optimizer, force=force, allow_worse=allow_worse, allow_pickle=allow_pickle,
+                     nonfinite=nonfinite)
     fc = load_forecasters(forecaster)[0] if forecaster else None
     fit_cfg = fc.config if fc else _fit_config(**fit_opts)
     result = run_emit(store, out, target_step, ratio, fit_cfg, cfg, forecasters=fc)
@@ -221,19 +309,23 @@ def emit(store, target_step, ratio, out, optimizer, force, allow_worse, allow_pi
 @click.option("--store", help="The run's Zarr store, any fsspec URL the workers reach (default: a per-run store under ~/.cache/farcast).")
 @click.option("--runner", type=click.Choice(["threads", "processes", "dask"]), default="threads", show_default=True, help="Prefect task runner.")
 @click.option("--dask-address", help="Scheduler address of an existing Dask cluster (with --runner dask); default: a LocalCluster.")
-@click.option("--workers", default=2, show_default=True, help="Threads, processes or LocalCluster workers.")
+@click.option("--workers", default=2, show_default=True, type=POSITIVE, help="Threads, processes or LocalCluster workers.")
 @click.option("--direct", is_flag=True, help="Call the pipeline functions without Prefect (no server, no artifacts).")
 @click.option("--allow-pickle", is_flag=True, help="Load torch pickles that hold Python objects beyond tensors.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_fit_options
-def run(ckpt_dir, target_step, ratio, out, optimizer, force, allow_worse, store, runner, dask_address, workers, direct,
-        allow_pickle, as_json, **fit_opts) -> None:
+def run(ckpt_dir, target_step, ratio, out, optimizer, force, allow_worse, nonfinite, store, runner, dask_address, workers,
+        direct, allow_pickle, as_json, **fit_opts) -> None:
     """The whole job: ingest CKPT_DIR, fit, backtest, emit the forecast checkpoint into OUT (a Prefect flow)."""
     from pipelines.ingest import default_store
 
+    from pipelines.emit import EmitConfig, check_request
+
     store = store or str(default_store(ckpt_dir))
     fit_cfg = _fit_config(**fit_opts)
-    emit_cfg = dict(optimizer=optimizer, force=force, allow_worse=allow_worse, allow_pickle=allow_pickle)
+    emit_cfg = dict(optimizer=optimizer, force=force, allow_worse=allow_worse, allow_pickle=allow_pickle, nonfinite=nonfinite)
+    EmitConfig(**emit_cfg)
+    check_request(ckpt_dir, out, target_step, ratio)  # before any ingest or fit
     if direct:
         from pipelines.emit import EmitConfig, emit as run_emit
         from pipelines.ingest import IngestConfig, ingest as run_ingest
@@ -246,6 +338,7 @@ def run(ckpt_dir, target_step, ratio, out, optimizer, force, allow_worse, store,
         return
     from flows.flows import farcast_flow, with_runner
 
+    _quiet_user_errors()
     f = with_runner(farcast_flow, runner, dask_address, workers)
     r = _quiet_flow(f, as_json)(ckpt_dir, out, target_step, ratio, store, fit_cfg.to_json(), emit_cfg, allow_pickle)
     if as_json:
@@ -255,6 +348,44 @@ def run(ckpt_dir, target_step, ratio, out, optimizer, force, allow_worse, store,
 
     click.echo(format_table(r["backtest"]))
     click.echo(f"emitted the forecast for step {r['target_step']}: {r['emitted']}")
+
+
+def _user_error(exc) -> bool:
+    while exc is not None:
+        if isinstance(exc, FarcastError):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def _error_names(cls=FarcastError) -> set[str]:
+    return {cls.__name__}.union(*(_error_names(c) for c in cls.__subclasses__()))
+
+
+class _UserErrorFilter:
+    """Keeps Prefect's console quiet about farcast's own refusals: the command prints them once, as one line.
+
+    The Prefect API (the UI) still receives the full record.
+    """
+
+    names = tuple(_error_names())
+
+    def filter(self, record) -> bool:
+        if record.exc_info and _user_error(record.exc_info[1]):
+            return False
+        msg = record.getMessage()
+        return not ("Failed" in msg and any(n in msg for n in self.names))
+
+
+def _quiet_user_errors() -> None:
+    import logging
+
+    f = _UserErrorFilter()
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in logging.root.manager.loggerDict if n.startswith("prefect"))]
+    for logger in loggers:
+        for h in getattr(logger, "handlers", []):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) and f not in h.filters:
+                h.addFilter(f)
 
 
 def _quiet_flow(f, quiet: bool):
@@ -275,7 +406,7 @@ def _quiet_flow(f, quiet: bool):
 @click.argument("ckpt_dir", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory the forecasts are written into.")
 @_target_options
-@click.option("--interval", type=float, help="Seconds between scheduled runs.")
+@click.option("--interval", type=FiniteFloat(min=0, min_open=True), help="Seconds between scheduled runs.")
 @click.option("--cron", help="Cron expression for scheduled runs, e.g. '*/30 * * * *'.")
 @click.option("--store", help="The run's Zarr store (default: a per-run store under ~/.cache/farcast).")
 @click.option("--name", help="Deployment name (default: farcast-<run dir name>).")

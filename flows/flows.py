@@ -22,6 +22,7 @@ from prefect.artifacts import (  # noqa: E402
 )
 
 from farcast_core.baselines import METHODS  # noqa: E402
+from farcast_core.errors import FarcastError  # noqa: E402
 from farcast_core.forecaster import FitConfig  # noqa: E402
 from farcast_core.timeaxis import TimeAxis  # noqa: E402
 from pipelines import backtest as backtest_mod  # noqa: E402
@@ -31,7 +32,20 @@ from pipelines import ingest as ingest_mod  # noqa: E402
 from storage.artifacts import default_forecaster_path  # noqa: E402
 from storage.store import RunStore  # noqa: E402
 
-DISK_RETRIES = dict(retries=2, retry_delay_seconds=2)
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry I/O errors only: farcast's own refusals (bad input, a locked store) fail the same way again."""
+    try:
+        state.result()
+    except FarcastError:
+        return False
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+DISK_RETRIES = dict(retries=2, retry_delay_seconds=2, retry_condition_fn=_worth_retrying)
 
 
 # ------------------------------------------------------------------ tasks (thin wrappers)
@@ -135,7 +149,16 @@ def _backtest(store: str, target_step: int | None, ratio: float | None, cfg: dic
     return report
 
 
+@task(name="check-output")
+def check_output_task(store: str, out: str, target_step: int | None, ratio: float | None, cfg: dict,
+                      emit_cfg: dict) -> int:
+    """Before any fit: the target resolves, --out is usable, the newest checkpoint is the one ingested."""
+    return emit_mod.check_before_fit(store, out, target_step, ratio, FitConfig.from_json(cfg),
+                                     emit_mod.EmitConfig(**emit_cfg))
+
+
 def _emit(store: str, out: str, target_step: int | None, ratio: float | None, cfg: dict, emit_cfg: dict) -> dict:
+    check_output_task(store, out, target_step, ratio, cfg, emit_cfg)
     fitted = _fit(store, target_step, ratio, cfg)
     report = _backtest(store, fitted["target_step"], None, cfg)
     result = emit_task(store, out, fitted["target_step"], cfg, emit_cfg, report, fitted["forecasters"])
@@ -178,15 +201,18 @@ def farcast_flow(ckpt_dir: str, out: str, target_step: int | None = None, ratio:
     With ``only_if_new`` (scheduled runs) a run that finds no new checkpoint does nothing.
     """
     store = store or str(ingest_mod.default_store(ckpt_dir))
+    emit_cfg = {"allow_pickle": allow_pickle, **(emit_config or {})}
+    fit_config = fit_config or FitConfig().to_json()
+    FitConfig.from_json(fit_config), emit_mod.EmitConfig(**emit_cfg)  # refuse bad settings before any work
+    emit_mod.check_request(ckpt_dir, out, target_step, ratio)
     ingested = ingest_task(ckpt_dir, store, allow_pickle)
     if only_if_new and not ingested["added"]:
         get_run_logger().info("no new checkpoint in %s since step %s: nothing to do", ckpt_dir, max(ingested["present"]))
         return {"status": "nothing new", "steps": ingested["present"], "store": store}
-    emit_cfg = {"allow_pickle": allow_pickle, **(emit_config or {})}
     if only_if_new:
         emit_cfg["force"] = True  # a scheduled run refreshes its forecast
     return {"status": "emitted", "store": store, "ingest": ingested,
-            **_emit(store, out, target_step, ratio, fit_config or FitConfig().to_json(), emit_cfg)}
+            **_emit(store, out, target_step, ratio, fit_config, emit_cfg)}
 
 
 def make_deployment(ckpt_dir: str, out: str, ratio: float | None = None, target_step: int | None = None,

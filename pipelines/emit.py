@@ -10,6 +10,7 @@ the output directory and renamed into place at the end, so a failure leaves noth
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -132,6 +133,31 @@ def emit(
                 files.append(finals[1].name)
             path = staged.commit()
     return EmitResult(path, target, report, files)
+
+
+def check_request(ckpt_dir: str | os.PathLike, out: str | os.PathLike, target_step: int | None,
+                  ratio: float | None) -> None:
+    """What can be checked of an emit before the run is even ingested: one target, --out usable and outside the run."""
+    if (target_step is None) == (ratio is None):
+        raise ForecastError("give exactly one of --target-step or --ratio")
+    if ratio is not None and not (ratio > 1 and math.isfinite(ratio)):
+        raise ForecastError(f"--ratio must be a finite number > 1, got {ratio}")
+    source, out = Path(ckpt_dir).resolve(), Path(out).resolve()
+    if out == source or source in out.parents:
+        raise ForecastError(f"--out {out} is inside the checkpoint directory {source}; write the forecast elsewhere "
+                            "(the trainer would take it for one of its own checkpoints)")
+    writers.check_writable_dir(out)
+
+
+def check_before_fit(store_url: str | os.PathLike, out: str | os.PathLike, target_step: int | None,
+                     ratio: float | None, fit_config: FitConfig = FitConfig(), config: EmitConfig = EmitConfig()) -> int:
+    """Every check emit makes before fitting (target, --out, provenance, NaN copies); returns the target step."""
+    store = RunStore.open(store_url)
+    _, target = resolve_target(store.steps, target_step, ratio, time_axis(store, fit_config))
+    check_output(store, out, target, config)
+    newest_sources(store)
+    copy_rows(store, excluded_tensors(store), config.nonfinite)
+    return target
 
 
 def check_output(store: RunStore, out: str | os.PathLike, target: int, config: EmitConfig = EmitConfig()) -> list[Path]:

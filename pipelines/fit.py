@@ -6,6 +6,7 @@ parameters), so memory is bounded by the sample and the batch, never the model o
 
 from __future__ import annotations
 
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ def standstill(axis: TimeAxis, steps: list[int]) -> str | None:
     return f"the learning rate is zero between steps {a} and {b}, so cumulative learning rate stands still there"
 
 
+MAX_STEP = 2**53  # steps beyond are not exact as floats (time axes are float64)
+
+
 def resolve_target(
     steps: list[int], target_step: int | None, ratio: float | None, axis: TimeAxis = STEPS
 ) -> tuple[float, int]:
@@ -61,10 +65,15 @@ def resolve_target(
     sn = steps[-1]
     t0, tn = axis.times([steps[0], sn])
     if ratio is not None:
-        if not ratio > 1:
-            raise ForecastError(f"--ratio must be > 1 (the target lies after step {sn}), got {ratio}")
-        target = axis.step_at(t0 + ratio * (tn - t0), sn)
+        if not (ratio > 1 and math.isfinite(ratio)):
+            raise ForecastError(f"--ratio must be a finite number > 1 (the target lies after step {sn}), got {ratio}")
+        t = t0 + ratio * (tn - t0)
+        if axis.name == "steps" and t > MAX_STEP:
+            raise ForecastError(f"--ratio {ratio:g} puts the target past step {MAX_STEP}; ask for a nearer target")
+        target = axis.step_at(t, sn)
     else:
+        if target_step > MAX_STEP:
+            raise ForecastError(f"--target-step {target_step} is past step {MAX_STEP}; ask for a nearer target")
         if target_step <= sn:
             raise ForecastError(f"--target-step {target_step} is not after the newest checkpoint, step {sn}")
         axis.check_step(target_step)
@@ -187,13 +196,15 @@ def fit(
 ) -> tuple[Forecasters, Path, int]:
     """Fit on every committed step and save the forecasters; returns (forecasters, path, target step).
 
-    ``out`` (default: beside the store) is checked before fitting: never inside the run's
-    directory or the store, and an existing file is replaced only with ``force``.
+    ``out`` (default: beside the store, replaced by a refit) is checked before fitting: never
+    inside the run's directory or the store, and an existing file is replaced only with ``force``.
     """
     store = RunStore.open(store_url)
     axis = time_axis(store, config)
     rho, target = resolve_target(store.steps, target_step, ratio, axis)
-    path = check_forecaster_path(store, Path(out) if out else default_forecaster_path(str(store_url), target), force)
+    # the default file beside the store is farcast's own: a refit replaces it
+    path = check_forecaster_path(store, Path(out) if out else default_forecaster_path(str(store_url), target),
+                                 force or out is None)
     fc = fit_store(store, len(store.steps), rho, config, progress=progress, axis=axis)
     save(store, fc, path, target)
     return fc, path, target

@@ -118,8 +118,12 @@ def _ingest_locked(found: Discovery, store: RunStore, config: IngestConfig, on_s
     row = len(have)
     with ThreadPoolExecutor(config.workers) as pool:
         for i, c in enumerate(new):
-            files = file_manifest(c.path)
-            flagged, nbytes = _write_step(c, row, store, config, pool)
+            try:
+                files = file_manifest(c.path)
+                flagged, nbytes = _write_step(c, row, store, config, pool)
+            except FileNotFoundError as e:
+                raise CheckpointError(f"{e.filename or c.path}: vanished while step {c.step} was being ingested (rotated "
+                                      "by the trainer?); nothing of it was committed: rerun") from e
             changed = manifest_change(c.path, files)
             if changed:
                 raise CheckpointError(f"{changed} while step {c.step} was being ingested; nothing of it was committed: rerun")
