@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: test test-all demo bench clean
+.PHONY: test test-slow test-all demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m slow
 
 test-all: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m ''

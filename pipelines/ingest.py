@@ -137,6 +137,7 @@ def _ingest_locked(found: Discovery, store: RunStore, config: IngestConfig, on_s
             row += 1
             if on_step:
                 on_step(c.step, i + 1, len(new))
+    store.sweep()  # the temporary-file directory the writes used
     return report
 
 

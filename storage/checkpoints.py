@@ -367,7 +367,8 @@ class SafetensorsReader(CheckpointReader):
         self.tensors, self._where = {}, {}
         for path in files:
             if not path.is_file():
-                raise CheckpointError(f"{path}: listed in the shard index but missing; {_DAMAGED}")
+                raise CheckpointError(f"{path}: vanished (rotated by the trainer?), or named by the shard index but "
+                                      "never written; rerun, or move this checkpoint aside")
             base, header = read_safetensors_header(path)  # validated: offsets tile the data exactly
             for name, h in header.items():
                 if name == "__metadata__":

@@ -135,6 +135,13 @@ class StoreLock:
             holder = _read_json(lambda: os.pread(fd, 4096, 0))
             os.close(fd)
             return None, holder
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except FileNotFoundError:
+            same = False
+        if not same:  # the file was removed or replaced between open and flock: lock the one there now
+            os.close(fd)
+            return self._try_local()
         raw = json.dumps(_record()).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, raw, 0)

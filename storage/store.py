@@ -123,7 +123,7 @@ class RunStore:
                     f"{url}: holds the run from {store.source}, not {source}; use one store per run (another --store path)"
                 )
             return store
-        group = zarr.open_group(url, mode="w", zarr_format=3)
+        group = zarr.open_group(url, mode="a", zarr_format=3)  # not "w": it would delete the writer's lock file
         group.attrs.put(
             {
                 "farcast": {"format": FORMAT, "version": VERSION},

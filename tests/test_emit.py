@@ -14,7 +14,7 @@ from flows.cli import main
 from pipelines.demo import train_digits, write_digits_run
 from pipelines.emit import EmitConfig, emit, rename_step
 from pipelines.ingest import ingest
-from tests.conftest import bits, tiny_gpt2, token_data
+from tests.conftest import StopAt, bits, hf_args, tiny_gpt2, token_data
 
 ANY = EmitConfig(allow_worse=True)  # resuming is under test here, not forecast quality
 
@@ -26,41 +26,6 @@ def test_rename_step_keeps_padding():
 
 
 # ------------------------------------------------------------------ Hugging Face
-
-
-def hf_args(out, **kw):
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=str(out), max_steps=40, save_steps=2, per_device_train_batch_size=8, learning_rate=5e-3,
-        report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True, **kw,
-    )
-
-
-class StopAt:
-    """A TrainerCallback that stops training at a given global step."""
-
-    def __new__(cls, step):
-        from transformers import TrainerCallback
-
-        class _Stop(TrainerCallback):
-            def on_step_end(self, args, state, control, **kw):
-                if state.global_step >= step:
-                    control.should_training_stop = True
-
-        return _Stop()
-
-
-@pytest.fixture(scope="module")
-def hf_long_run(tmp_path_factory):
-    """Trainer run scheduled for 40 steps (linear decay), stopped at step 10, checkpoints every 2."""
-    from transformers import Trainer
-
-    out = tmp_path_factory.mktemp("hfemit") / "out"
-    model = tiny_gpt2()
-    model.save_pretrained(out / "checkpoint-0")
-    Trainer(model=model, args=hf_args(out), train_dataset=token_data(), callbacks=[StopAt(10)]).train()
-    return out
 
 
 def resume_hf(emitted, out, stop):
