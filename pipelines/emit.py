@@ -32,7 +32,7 @@ from pipelines.backtest import backtest
 from farcast_core.schedules import multiplier
 from pipelines.fit import fit_store, resolve_target, time_axis
 from storage import writers
-from storage.checkpoints import HF_INDEXES, manifest_change, read_safetensors_header
+from storage.checkpoints import HF_INDEXES, is_inside, manifest_change, read_safetensors_header
 from storage.store import VERSION, RunStore, TensorMeta
 
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
@@ -142,11 +142,14 @@ def check_request(ckpt_dir: str | os.PathLike, out: str | os.PathLike, target_st
         raise ForecastError("give exactly one of --target-step or --ratio")
     if ratio is not None and not (ratio > 1 and math.isfinite(ratio)):
         raise ForecastError(f"--ratio must be a finite number > 1, got {ratio}")
-    source, out = Path(ckpt_dir).resolve(), Path(out).resolve()
-    if out == source or source in out.parents:
-        raise ForecastError(f"--out {out} is inside the checkpoint directory {source}; write the forecast elsewhere "
-                            "(the trainer would take it for one of its own checkpoints)")
-    writers.check_writable_dir(out)
+    _refuse_out_inside(out, ckpt_dir)
+    writers.check_writable_dir(Path(out).resolve())
+
+
+def _refuse_out_inside(out, ckpt_dir) -> None:
+    if is_inside(out, ckpt_dir):
+        raise ForecastError(f"--out {Path(out).resolve()} is inside the checkpoint directory {Path(ckpt_dir).resolve()}; "
+                            "write the forecast elsewhere (the trainer would take it for one of its own checkpoints)")
 
 
 def check_before_fit(store_url: str | os.PathLike, out: str | os.PathLike, target_step: int | None,
@@ -162,11 +165,8 @@ def check_before_fit(store_url: str | os.PathLike, out: str | os.PathLike, targe
 
 def check_output(store: RunStore, out: str | os.PathLike, target: int, config: EmitConfig = EmitConfig()) -> list[Path]:
     """The paths emit will write for ``target``, checked: outside the run, new (or --force), writable."""
-    source = Path(store.source)
+    _refuse_out_inside(out, store.source)
     out = Path(out).resolve()
-    if out == source or source in out.parents:
-        raise ForecastError(f"--out {out} is inside the checkpoint directory {source}; write the forecast elsewhere "
-                            "(the trainer would take it for one of its own checkpoints)")
     rec = store.step_records[-1]
     newest = Path(rec["path"]) if "path" in rec else Path(rec["sources"][0]).parent if store.layout in ("hf", "dirs") \
         else Path(rec["sources"][0])

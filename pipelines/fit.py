@@ -26,6 +26,7 @@ from farcast_core.timeaxis import STEPS, TimeAxis
 from storage.artifacts import default_forecaster_path, save_forecasters
 from storage.lock import StoreLock
 from storage.store import RunStore
+from storage.checkpoints import is_inside
 from storage.writers import check_writable_dir
 
 
@@ -213,14 +214,12 @@ def fit(
 def check_forecaster_path(store: RunStore, path: Path, force: bool) -> Path:
     """Where a forecaster file may go: outside the run's directory and the store, new unless ``force``."""
     path = Path(path).resolve()
-    source = Path(store.source)
-    if path == source or source in path.parents:
-        raise ForecastError(f"--out {path} is inside the checkpoint directory {source}; it would overwrite or pose as "
-                            "one of the run's checkpoints: save the forecasters elsewhere")
-    if "://" not in store.url or store.url.startswith("file://"):
-        root = Path(store.url.removeprefix("file://")).resolve()
-        if path == root or root in path.parents:
-            raise ForecastError(f"--out {path} is inside the store {root}; save the forecasters elsewhere")
+    if is_inside(path, store.source):
+        raise ForecastError(f"--out {path} is inside the checkpoint directory {store.source}; it would overwrite or "
+                            "pose as one of the run's checkpoints: save the forecasters elsewhere")
+    local = "://" not in store.url or store.url.startswith("file://")
+    if local and is_inside(path, store.url.removeprefix("file://")):
+        raise ForecastError(f"--out {path} is inside the store {store.url}; save the forecasters elsewhere")
     if path.is_dir():
         raise StoreError(f"--out {path} is a directory; --out names the forecaster file to write")
     if path.exists() and not force:

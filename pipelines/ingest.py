@@ -23,7 +23,9 @@ from typing import Callable
 from farcast_core.chunks import plan
 from farcast_core.dtypes import DTYPES, nonfinite
 from farcast_core.errors import CheckpointError, ConfigError, SequenceMismatchError, StoreError
-from storage.checkpoints import Checkpoint, Discovery, TensorInfo, discover, file_manifest, manifest_change, open_checkpoint
+from storage.checkpoints import (
+    Checkpoint, Discovery, TensorInfo, discover, file_manifest, is_inside, manifest_change, open_checkpoint,
+)
 from storage.lock import StoreLock
 from storage.schedules import read_schedule_facts
 from storage.store import RunStore, TensorMeta, array_path, check_store_path
@@ -170,11 +172,10 @@ def _refuse_store_inside(store_url, root: Path) -> None:
     s = str(store_url)
     if "://" in s and not s.startswith("file://"):
         return
-    p = Path(s.removeprefix("file://")).resolve()
-    if p == root or root in p.parents:
+    if is_inside(s.removeprefix("file://"), root):
         raise StoreError(
-            f"{p}: the store may not be inside the checkpoint directory {root} (the trainer scans and rotates it); "
-            f"pick a --store path outside it"
+            f"{Path(s.removeprefix('file://')).resolve()}: the store may not be inside the checkpoint directory {root} "
+            "(the trainer scans and rotates it); pick a --store path outside it"
         )
 
 

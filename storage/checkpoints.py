@@ -208,6 +208,12 @@ def _discover_files(root: Path, files, skipped) -> Discovery:
 # ---------------------------------------------------------------- provenance
 
 
+def is_inside(path: str | os.PathLike, directory: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``directory`` or lies inside it, both resolved (outputs never land in their input)."""
+    path, directory = Path(path).resolve(), Path(directory).resolve()
+    return path == directory or directory in path.parents
+
+
 def file_manifest(path: Path) -> dict[str, list[int]]:
     """{file: [size, mtime_ns]} of a step (its directory's files, recursively, or the step file itself).
 

@@ -154,6 +154,29 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(run, tmp_path):
     assert RunStore.open(store).steps[-1] == 60
 
 
+def test_object_store_lock_names_a_holder_elsewhere_and_takes_over_a_dead_one():
+    """fsspec stores lock with an object created exclusively; checked on fsspec's in-memory file system."""
+    import json as _json
+    import socket
+
+    import fsspec
+
+    from farcast_core.errors import StoreLockedError
+    from storage.lock import StoreLock
+
+    url = f"memory://farcast-lock-test-{os.getpid()}/store"
+    fs, path = fsspec.core.url_to_fs(url + "/.farcast.lock")
+    fs.pipe_file(path, _json.dumps({"pid": 4242, "host": "gpu-node-7", "since": "then", "command": "farcast ingest"}).encode())
+    with pytest.raises(StoreLockedError, match=r"PID 4242 on gpu-node-7 .*delete memory://"):
+        StoreLock(url, wait=0).__enter__()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    fs.pipe_file(path, _json.dumps({"pid": dead.pid, "host": socket.gethostname()}).encode())
+    with StoreLock(url, wait=0):  # a record left by a dead process on this host: taken over
+        assert _json.loads(fs.cat_file(path))["pid"] == os.getpid()
+    assert not fs.exists(path)
+
+
 def test_a_commit_never_rewrites_a_committed_row(run, tmp_path):
     """Two handles that both think row 1 is next: the second commit is refused, the first row kept."""
     from farcast_core.errors import StoreError
