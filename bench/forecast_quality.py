@@ -14,12 +14,17 @@ schedule decays, the time axes side by side: farcast / persistence on the steps 
 lr axis (cumulative learning rate, schedule inferred from trainer_state.json), with the backtest
 cut chosen by the ratio on either axis. Then fit time per million parameters on this CPU.
 
-    python bench/forecast_quality.py [--quick] [--axes-only]
+    python bench/forecast_quality.py [--quick] [--axes-only] [--default-only] [--save-baseline]
+
+--default-only prints only the default configuration's rows (each run, ratios 1.5/2/3) beside the
+figures recorded in bench/quality_baseline.json (the farcast before the fast fit of issue 13), with
+the change; --save-baseline records this run's figures there instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -92,6 +97,37 @@ def synthetic_store(work: Path, params: int) -> Path:
 
 
 DECAYING = ("gpt2-linear", "gpt2-cosine", "digits-linear")
+BASELINE = REPO / "bench" / "quality_baseline.json"
+
+
+def default_rows(runs: dict, work: Path, save: bool, reuse: bool = False) -> None:
+    """farcast / persistence of the default config on every run and ratio, against the recorded baseline."""
+    base = json.loads(BASELINE.read_text()) if BASELINE.is_file() and not save else {}
+    rows = {}
+    print(f"{'run':<14} {'ratio':>5} {'axis':>5} {'farcast/persistence':>20} {'baseline':>9} {'change':>8}  fit s")
+    for name, make in runs.items():
+        if not (reuse and (work / f"{name}.store").is_dir()):
+            make(work / name)
+            ingest(work / name, work / f"{name}.store")
+        for rho in (1.5, 2.0, 3.0):
+            t = time.perf_counter()
+            try:
+                r = backtest(str(work / f"{name}.store"), ratio=rho, config=FitConfig(), compare_axes=False)
+                f, axis = r["farcast_vs_persistence"], r["axis"]["name"]
+            except Exception as e:  # a ratio the run cannot support is reported, not fatal
+                f, axis = float("nan"), f"({type(e).__name__})"
+            key = f"{name} {rho}"
+            rows[key] = f
+            b = base.get(key)
+            change = f"{f - b:+8.3f}" if b is not None else f"{'-':>8}"
+            print(f"{name:<14} {rho:>5} {axis:>5} {f:>20.3f} {b if b is not None else float('nan'):>9.3f} {change}  "
+                  f"{time.perf_counter() - t:.1f}")
+    if save:
+        BASELINE.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+        print(f"recorded as the baseline: {BASELINE}")
+    elif base:
+        worst = max((rows[k] - base[k] for k in rows if k in base and rows[k] == rows[k]), default=float("nan"))
+        print(f"largest change against the baseline: {worst:+.3f} (goal: every row within +0.02)")
 
 
 def axes_rows(store_url: str, rho: float) -> list[tuple[str, int, float, float]]:
@@ -108,10 +144,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shorter runs (for a smoke check)")
     ap.add_argument("--axes-only", action="store_true", help="only the decaying-schedule runs and the time-axis table")
+    ap.add_argument("--default-only", action="store_true", help="the default config's rows against the recorded baseline")
+    ap.add_argument("--save-baseline", action="store_true", help="with --default-only: record this run as the baseline")
+    ap.add_argument("--reuse", action="store_true", help="with --default-only: reuse the runs already in --work")
     ap.add_argument("--work", default=str(REPO / "bench" / "out" / "quality"))
     args = ap.parse_args()
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.reuse:
+        shutil.rmtree(work, ignore_errors=True)
     k = 2 if args.quick else 1
     runs = {
         "digits-sgd": lambda d: write_digits_run(d, steps=120 // k, every=5, optimizer="sgd", lr=0.05, hidden=128),
@@ -122,6 +162,8 @@ def main() -> None:
         "digits-linear": lambda d: train_with_trainer(d, 200 // k, 10 // k, hidden=128, lr=2e-3, schedule="linear",
                                                       warmup=10 // k),
     }
+    if args.default_only:
+        return default_rows(runs, work, args.save_baseline, args.reuse)
     if args.axes_only:
         runs = {n: f for n, f in runs.items() if n in DECAYING}
     print("forecast quality: backtest MAE (fit up to s_b, forecast s_n, compare); ratio = MAE / persistence MAE")

@@ -1,0 +1,166 @@
+"""Fit cost against ingest cost on the same run, with where the fit's time goes and its memory.
+
+Runs (made here, no downloads):
+  trainer   a small DistilBERT (masked LM) trained for real with the Hugging Face Trainer and AdamW,
+            300 steps, a checkpoint every 25 (13 checkpoints)
+  50M       a 50M-parameter two-layer MLP trained with Adam on a cheap regression objective,
+            13 checkpoints (about 2.6 GB on disk; --no-big skips it)
+
+Each stage runs in a fresh process, timed after its imports: ingest of the run, then the fit of
+ratio 2 (what `farcast fit --ratio 2` runs) with its time split into planning, reading + pairing the sampled rows, solving and saving, and
+its peak RSS above the process's RSS before the fit (imports excluded). Printed: fit / ingest
+(goal <= 0.1x) and the split.
+
+    python bench/fit_cost.py [--no-big] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def trainer_run(out: Path) -> Path:
+    """A DistilBERT masked LM (about 0.5M parameters) trained with the Trainer on byte tokens."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import DistilBertConfig, DistilBertForMaskedLM, Trainer, TrainingArguments
+
+    from pipelines.demo import text_blocks
+
+    blocks = text_blocks(seq=64)
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for b in blocks[:2000]:
+        labels = b.clone()
+        masked = torch.rand(len(b), generator=g) < 0.15
+        labels[~masked] = -100
+        ids = b.clone()
+        ids[masked] = 1
+        data.append({"input_ids": ids, "labels": labels})
+    torch.manual_seed(0)
+    model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=256, max_position_embeddings=64, dim=96, n_layers=3,
+                                                   n_heads=4, hidden_dim=256))
+    model.save_pretrained(out / "checkpoint-0")
+    args = TrainingArguments(output_dir=str(out), max_steps=300, save_steps=25, per_device_train_batch_size=16,
+                             learning_rate=5e-4, report_to=[], use_cpu=True, logging_steps=25, disable_tqdm=True,
+                             save_only_model=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=data).train()
+    return out
+
+
+def big_run(out: Path, params: int = 50_000_000, every: int = 5, checkpoints: int = 13) -> Path:
+    """An MLP of about ``params`` parameters trained with Adam on random regression data."""
+    import torch
+
+    from storage.writers import save_safetensors
+
+    torch.manual_seed(0)
+    width = int((params / 2) ** 0.5)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, width))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(32, width), torch.randn(32, width)
+    for step in range((checkpoints - 1) * every + 1):
+        if step % every == 0:
+            save_safetensors({k: v.detach().clone() for k, v in model.state_dict().items()},
+                             out / f"step_{step:06d}.safetensors")
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return out
+
+
+CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, {repo!r})
+import pipelines.fit as F
+from farcast_core.forecaster import FitConfig
+from storage.store import RunStore
+spent = dict(plan=0.0, read=0.0, solve=0.0, save=0.0)
+def timed(key, f):
+    def g(*a, **k):
+        t = time.perf_counter()
+        try:
+            return f(*a, **k)
+        finally:
+            spent[key] += time.perf_counter() - t
+    return g
+F.plan_fit = timed("plan", F.plan_fit)
+F._chunk_pairs = timed("read", F._chunk_pairs)
+F._fit_padded = timed("solve", F._fit_padded)
+F.save_forecasters = timed("save", F.save_forecasters)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import torch; torch.zeros(1)
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+fc, path, target = F.fit({store!r}, ratio=2.0, config=FitConfig(), out={out!r}, force=True)
+total = time.perf_counter() - t
+rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps(dict(total=total, spent=spent, rss_before_mib=rss0 / 1024, rss_peak_mib=rss1 / 1024,
+                      chunks=len(fc.keys), params=sum(m.numel for m in RunStore.open({store!r}).tensors.values()))))
+"""
+
+
+INGEST = r"""
+import sys, time
+sys.path.insert(0, {repo!r})
+from pipelines.ingest import ingest
+t = time.perf_counter()
+ingest({run!r}, {store!r})
+print(time.perf_counter() - t)
+"""
+
+
+def timed_ingest(run: Path, store: Path) -> float:
+    """Seconds of ingest in a fresh process, imports excluded (as for the fit)."""
+    shutil.rmtree(store, ignore_errors=True)
+    p = subprocess.run([sys.executable, "-c", INGEST.format(repo=str(REPO), run=str(run), store=str(store))],
+                       check=True, capture_output=True, text=True, cwd=REPO)
+    return float(p.stdout.strip().splitlines()[-1])
+
+
+def timed_fit(store: Path, out: Path) -> dict:
+    code = CHILD.format(repo=str(REPO), store=str(store), out=str(out))
+    p = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=REPO)
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-big", action="store_true", help="skip the 50M-parameter run")
+    ap.add_argument("--work", default=str(REPO / "bench" / "out" / "fit_cost"))
+    args = ap.parse_args()
+    work = Path(args.work)
+    runs = {"trainer": trainer_run}
+    if not args.no_big:
+        runs["50M"] = big_run
+    print(f"{'run':<8} {'params':>9} {'chunks':>6} {'ingest s':>9} {'fit s':>7} {'fit/ingest':>10}   "
+          f"{'plan':>6} {'read':>6} {'solve':>6} {'save':>6}   {'fit RSS MiB (peak - before)':>28}")
+    for name, make in runs.items():
+        run = work / name / "run"
+        if not run.exists():
+            make(run)
+        ingest_s = timed_ingest(run, work / name / "store")
+        fit = timed_fit(work / name / "store", work / name / "forecasters.safetensors")
+        sp = fit["spent"]
+        print(f"{name:<8} {fit['params'] / 1e6:>8.2f}M {fit['chunks']:>6} {ingest_s:>9.2f} {fit['total']:>7.2f} "
+              f"{fit['total'] / ingest_s:>9.2f}x   {sp['plan']:>6.2f} {sp['read']:>6.2f} {sp['solve']:>6.2f} "
+              f"{sp['save']:>6.2f}   {fit['rss_peak_mib'] - fit['rss_before_mib']:>10.0f} "
+              f"(peak {fit['rss_peak_mib']:.0f})")
+    print("(each stage timed inside a fresh process, imports excluded; goal: fit / ingest <= 0.1x)")
+
+
+if __name__ == "__main__":
+    main()
