@@ -3,9 +3,8 @@
     y = f A + b,   f = [w(t_0), (w at extra feature times), w(t_c)],  A: (F, m), b: (m,)
 
 Fitted in a residual, normalised parametrisation (predict y - w_c from [f_k - w_c ..., w_c, 1],
-each column scaled to unit mean magnitude): least squares, then iteratively reweighted least
-squares to the L1 optimum (within ~1e-4); chunks whose L1 optimum accelerates (L_grad > 0) are then
-refined on L1 loss + lambda * L_grad with Adam. All chunks of a batch are one batched problem.
+each column scaled to unit mean magnitude), warm-started by least squares, then refined on
+L1 loss + lambda * L_grad with Adam. All chunks of a batch are one batched problem.
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ class FitConfig:
     max_cuts: int = 8  # calibration cuts, spread over the admissible range
     sample: int = 4096  # l: parameters sampled per chunk to fit its forecaster
     lam: float = 1.0  # weight of the deceleration regulariser L_grad (chosen on bench/forecast_quality.py)
-    irls_iters: int = 30  # reweighted least-squares steps toward the L1 optimum (within ~1e-4 of it)
-    iters: int = 150  # Adam iterations on L1 + lam L_grad, only for chunks whose L1 optimum accelerates
+    iters: int = 150  # Adam iterations of the L1 refinement after the least-squares warm start
     lr: float = 0.02  # Adam learning rate in the normalised parametrisation (cosine-decayed to 0)
     # Extra feature times as fractions of t_c - t_0 (the paper's general subset T). The paper and
     # docs/method.md recommend none ({s_0, s_c} only); bench/forecast_quality.py measured (0.5, 0.8)
@@ -42,7 +40,7 @@ class FitConfig:
     def __post_init__(self):
         from farcast_core.errors import ConfigError
 
-        ints = {"horizons": 1, "max_cuts": 1, "sample": 1, "iters": 0, "irls_iters": 0, "linefit_k": 2, "batch_chunks": 1}
+        ints = {"horizons": 1, "max_cuts": 1, "sample": 1, "iters": 0, "linefit_k": 2, "batch_chunks": 1}
         for name, least in ints.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
@@ -137,69 +135,16 @@ def fit_batch(
     Xa = design(app_feats)  # (K, L, F+1)
     w = mask.to(dt).unsqueeze(-1)
 
-    # least-squares start, then iteratively reweighted least squares to the L1 optimum
-    P = l1_irls(X, Y, w, config.irls_iters)
+    # least-squares warm start (tiny ridge keeps degenerate chunks, e.g. constant ones, solvable)
+    XtX = (X * w).transpose(-1, -2) @ X
+    ridge = 1e-8 * w.sum(-2, keepdim=True).clamp_min(1) * torch.eye(X.shape[-1], dtype=dt, device=X.device)
+    P = torch.linalg.solve(XtX + ridge, (X * w).transpose(-1, -2) @ Y)  # (K, F+1, m)
+
     t = torch.cat([torch.ones(1, dtype=dt, device=X.device), ratios.to(dt)])  # (m+1,): ratio 1 is w_c
-    best = P
-    if config.lam > 0 and config.iters > 0:
-        # The L1 optimum is also optimal for L1 + lam L_grad wherever its trajectory already decelerates
-        # (L_grad = 0 there). Only the other chunks are refined, on the full objective, with Adam.
-        with torch.no_grad():
-            reg = _loss(P, X, Y, mask, Xa, app_mask, t, config.lam) - _loss(P, X, Y, mask, Xa, app_mask, t, 0.0)
-        active = torch.nonzero(reg > 1e-12 * (1 + reg.abs())).flatten()
-        if active.numel():
-            best = P.clone()
-            best[active] = _refine(P[active], X[active], Y[active], mask[active], Xa[active], app_mask[active], t, config)
-    with torch.no_grad():
-        final = _loss(best, X, Y, mask, Xa, app_mask, t, 0.0)
-        P = best * s_y.unsqueeze(-2)  # residual per unit feature, in weight units
-        c_rel = P[..., :-2, :] / s_rel.unsqueeze(-1)  # (K, F-1, m) coefficients on (f_k - w_c)
-        c_wc = P[..., -2:-1, :] / s_wc.unsqueeze(-1)  # (K, 1, m)
-        A = torch.cat([c_rel, 1.0 - c_rel.sum(-2, keepdim=True) + c_wc], -2)  # (K, F, m)
-        b = P[..., -1, :]
-    return Fitted(A, b, final)
-
-
-def l1_irls(X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor, iters: int) -> torch.Tensor:
-    """argmin_P mean |X P - Y| per chunk and horizon column, by iteratively reweighted least squares.
-
-    X (K, N, C), Y (K, N, m), w (K, N, 1) row weights (0 for padding). Starts from least squares;
-    each step solves the normal equations with weights 1 / max(|r|, delta) (delta: a small
-    fraction of the column's mean residual); every chunk keeps its best iterate. Converges
-    linearly: 30 steps reach about 1e-4 of the optimum (tests/test_forecaster.py checks it against
-    an exact linear-programming solution). Returns (K, C, m).
-    """
-    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
-
-    def solve(W):  # W (K, N, m) -> P (K, C, m), one weighted least squares per column
-        Xc = X.unsqueeze(1)  # (K, 1, N, C)
-        XtW = (Xc * W.transpose(1, 2).unsqueeze(-1)).transpose(-1, -2)  # (K, m, C, N)
-        A = XtW @ Xc  # (K, m, C, C)
-        # a tiny ridge relative to the system keeps degenerate (e.g. constant) chunks solvable
-        A = A + (1e-10 * A.diagonal(dim1=-2, dim2=-1).mean(-1) + 1e-30)[..., None, None] * eye
-        B = XtW @ Y.transpose(1, 2).unsqueeze(-1)  # (K, m, C, 1)
-        return torch.linalg.solve(A, B)[..., 0].transpose(1, 2)
-
-    def l1(P):  # (K, m)
-        return ((X @ P - Y).abs() * w).sum(-2)
-
-    P = solve(w.expand_as(Y))
-    best, best_l1 = P, l1(P)
-    for _ in range(iters):
-        r = (X @ P - Y).abs()  # (K, N, m)
-        scale = (r * w).sum(-2, keepdim=True) / w.sum(-2, keepdim=True).clamp_min(1)
-        P = solve(w / torch.maximum(r, torch.clamp(1e-6 * scale, min=1e-9)))  # residuals are in unit scale
-        cur = l1(P)
-        better = (cur < best_l1).unsqueeze(-2)  # (K, 1, m)
-        best, best_l1 = torch.where(better, P, best), torch.minimum(cur, best_l1)
-    return best
-
-
-def _refine(P, X, Y, mask, Xa, app_mask, t, config: FitConfig) -> torch.Tensor:
-    """Adam on L1 + lam L_grad from ``P``; each chunk keeps the best iterate it saw (Adam's
-    normalised steps jitter around an exact optimum)."""
+    # L1 + lambda L_grad refinement; each chunk keeps the best iterate it saw (Adam's normalised
+    # steps jitter around an exact optimum, e.g. a trajectory least squares already fits exactly)
     best = P.clone()
-    best_loss = torch.full(P.shape[:1], float("inf"), dtype=P.dtype, device=P.device)
+    best_loss = torch.full(P.shape[:1], float("inf"), dtype=dt, device=P.device)
     P = P.clone().requires_grad_(True)
     opt = torch.optim.Adam([P], lr=config.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, config.iters))
@@ -214,7 +159,14 @@ def _refine(P, X, Y, mask, Xa, app_mask, t, config: FitConfig) -> torch.Tensor:
         loss.sum().backward()
         opt.step()
         sched.step()
-    return best
+    with torch.no_grad():
+        final = _loss(best, X, Y, mask, Xa, app_mask, t, 0.0)
+        P = best * s_y.unsqueeze(-2)  # residual per unit feature, in weight units
+        c_rel = P[..., :-2, :] / s_rel.unsqueeze(-1)  # (K, F-1, m) coefficients on (f_k - w_c)
+        c_wc = P[..., -2:-1, :] / s_wc.unsqueeze(-1)  # (K, 1, m)
+        A = torch.cat([c_rel, 1.0 - c_rel.sum(-2, keepdim=True) + c_wc], -2)  # (K, F, m)
+        b = P[..., -1, :]
+    return Fitted(A, b, final)
 
 
 def _loss(P, X, Y, mask, Xa, app_mask, t, lam) -> torch.Tensor:
