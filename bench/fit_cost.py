@@ -2,12 +2,12 @@
 
 Runs (made here, no downloads):
   trainer   a small DistilBERT (masked LM) trained for real with the Hugging Face Trainer and AdamW,
-            300 steps, a checkpoint every 25 (13 checkpoints)
+            scheduled for 600 steps (linear decay), observed to step 300: a checkpoint every 25 (13)
   50M       a 50M-parameter two-layer MLP trained with Adam on a cheap regression objective,
             13 checkpoints (about 2.6 GB on disk; --no-big skips it)
 
 Each stage runs in a fresh process, timed after its imports: ingest of the run, then the fit of
-ratio 2 (what `farcast fit --ratio 2` runs) with its time split into planning, reading + pairing the sampled rows, solving and saving, and
+the end of training, step 600 (what `farcast fit --target-step 600` runs; the 50M run: ratio 2) with its time split into planning, reading + pairing the sampled rows, solving and saving, and
 its peak RSS above the process's RSS before the fit (imports excluded). Printed: fit / ingest
 (goal <= 0.1x) and the split.
 
@@ -35,7 +35,7 @@ def trainer_run(out: Path) -> Path:
     import torch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import DistilBertConfig, DistilBertForMaskedLM, Trainer, TrainingArguments
+    from transformers import DistilBertConfig, DistilBertForMaskedLM, Trainer, TrainerCallback, TrainingArguments
 
     from pipelines.demo import text_blocks
 
@@ -53,10 +53,15 @@ def trainer_run(out: Path) -> Path:
     model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=256, max_position_embeddings=64, dim=96, n_layers=3,
                                                    n_heads=4, hidden_dim=256))
     model.save_pretrained(out / "checkpoint-0")
-    args = TrainingArguments(output_dir=str(out), max_steps=300, save_steps=25, per_device_train_batch_size=16,
+    args = TrainingArguments(output_dir=str(out), max_steps=600, save_steps=25, per_device_train_batch_size=16,
                              learning_rate=5e-4, report_to=[], use_cpu=True, logging_steps=25, disable_tqdm=True,
                              save_only_model=True, seed=0)
-    Trainer(model=model, args=args, train_dataset=data).train()
+
+    class StopAt300(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            control.should_training_stop = state.global_step >= 300
+
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[StopAt300()]).train()
     return out
 
 
@@ -105,7 +110,7 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 import torch; torch.zeros(1)
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
-fc, path, target = F.fit({store!r}, ratio=2.0, config=FitConfig(), out={out!r}, force=True)
+fc, path, target = F.fit({store!r}, target_step={target}, ratio={ratio}, config=FitConfig(), out={out!r}, force=True)
 total = time.perf_counter() - t
 rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps(dict(total=total, spent=spent, rss_before_mib=rss0 / 1024, rss_peak_mib=rss1 / 1024,
@@ -131,8 +136,8 @@ def timed_ingest(run: Path, store: Path) -> float:
     return float(p.stdout.strip().splitlines()[-1])
 
 
-def timed_fit(store: Path, out: Path) -> dict:
-    code = CHILD.format(repo=str(REPO), store=str(store), out=str(out))
+def timed_fit(store: Path, out: Path, target: int | None, ratio: float | None) -> dict:
+    code = CHILD.format(repo=str(REPO), store=str(store), out=str(out), target=target, ratio=ratio)
     p = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=REPO)
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -143,17 +148,17 @@ def main() -> None:
     ap.add_argument("--work", default=str(REPO / "bench" / "out" / "fit_cost"))
     args = ap.parse_args()
     work = Path(args.work)
-    runs = {"trainer": trainer_run}
+    runs = {"trainer": (trainer_run, 600, None)}
     if not args.no_big:
-        runs["50M"] = big_run
+        runs["50M"] = (big_run, None, 2.0)
     print(f"{'run':<8} {'params':>9} {'chunks':>6} {'ingest s':>9} {'fit s':>7} {'fit/ingest':>10}   "
           f"{'plan':>6} {'read':>6} {'solve':>6} {'save':>6}   {'fit RSS MiB (peak - before)':>28}")
-    for name, make in runs.items():
+    for name, (make, target, ratio) in runs.items():
         run = work / name / "run"
         if not run.exists():
             make(run)
         ingest_s = timed_ingest(run, work / name / "store")
-        fit = timed_fit(work / name / "store", work / name / "forecasters.safetensors")
+        fit = timed_fit(work / name / "store", work / name / "forecasters.safetensors", target, ratio)
         sp = fit["spent"]
         print(f"{name:<8} {fit['params'] / 1e6:>8.2f}M {fit['chunks']:>6} {ingest_s:>9.2f} {fit['total']:>7.2f} "
               f"{fit['total'] / ingest_s:>9.2f}x   {sp['plan']:>6.2f} {sp['read']:>6.2f} {sp['solve']:>6.2f} "
