@@ -88,7 +88,7 @@ def big_run(out: Path, params: int = 50_000_000, every: int = 5, checkpoints: in
 
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {repo!r})
 import pipelines.fit as F
 from farcast_core.forecaster import FitConfig
@@ -106,13 +106,14 @@ F.plan_fit = timed("plan", F.plan_fit)
 F._chunk_pairs = timed("read", F._chunk_pairs)
 F._fit_padded = timed("solve", F._fit_padded)
 F.save_forecasters = timed("save", F.save_forecasters)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():  # peak RSS of this process image in KiB (ru_maxrss would carry the parent's peak across exec)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 import torch; torch.zeros(1)
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rss0 = hwm()
 t = time.perf_counter()
 fc, path, target = F.fit({store!r}, target_step={target}, ratio={ratio}, config=FitConfig(), out={out!r}, force=True)
 total = time.perf_counter() - t
-rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rss1 = hwm()
 print(json.dumps(dict(total=total, spent=spent, rss_before_mib=rss0 / 1024, rss_peak_mib=rss1 / 1024,
                       chunks=len(fc.keys), params=sum(m.numel for m in RunStore.open({store!r}).tensors.values()))))
 """
