@@ -194,9 +194,4 @@ def _read_json(read) -> dict | None:
         return None
 
 
-def holds_lock(url: str | os.PathLike) -> bool:
-    """Whether this process holds the writer lock of the store at ``url``."""
-    return StoreLock(url, 0).key in _held
-
-
-__all__ = ["LOCK_NAME", "StoreLock", "holds_lock", "lock_wait_seconds", "pid_alive"]
+__all__ = ["LOCK_NAME", "StoreLock", "lock_wait_seconds", "pid_alive"]
