@@ -135,9 +135,11 @@ def fit_batch(
     Xa = design(app_feats)  # (K, L, F+1)
     w = mask.to(dt).unsqueeze(-1)
 
-    # least-squares warm start (tiny ridge keeps degenerate chunks, e.g. constant ones, solvable)
+    # least-squares warm start (tiny ridge keeps degenerate chunks, e.g. constant ones, solvable; in
+    # float32, as on a GPU, 1e-8 of the diagonal is below rounding, so the ridge is 100 ulps there)
     XtX = (X * w).transpose(-1, -2) @ X
-    ridge = 1e-8 * w.sum(-2, keepdim=True).clamp_min(1) * torch.eye(X.shape[-1], dtype=dt, device=X.device)
+    rel = max(1e-8, 100 * torch.finfo(dt).eps)
+    ridge = rel * w.sum(-2, keepdim=True).clamp_min(1) * torch.eye(X.shape[-1], dtype=dt, device=X.device)
     P = torch.linalg.solve(XtX + ridge, (X * w).transpose(-1, -2) @ Y)  # (K, F+1, m)
 
     t = torch.cat([torch.ones(1, dtype=dt, device=X.device), ratios.to(dt)])  # (m+1,): ratio 1 is w_c

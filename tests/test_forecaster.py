@@ -132,3 +132,32 @@ def test_baselines_closed_form():
     assert baselines.last_segment(torch.tensor([0.5]), wn, 5, 10, 20).item() == 2.0
     ws = torch.tensor([[1.0], [2.0], [3.0]])
     assert baselines.linefit(ws, torch.tensor([0.0, 1.0, 2.0]), 4.0).item() == pytest.approx(5.0)
+
+
+def test_float32_fit_as_on_a_gpu_solves_constant_chunks():
+    """The GPU path fits in float32: a chunk that never moves (a LayerNorm weight at 1) must still solve,
+    and a moving chunk must agree with the float64 fit (found on CPU: the float64 ridge vanished in float32)."""
+    from farcast_core.calibration import plan_pairs
+    from farcast_core.forecaster import apply, fit_batch
+    from farcast_core.series import at, pairs
+
+    moving = sgd_least_squares(0)  # (21, 50)
+    still = torch.ones(len(T), 50, dtype=torch.float64)
+    plan = plan_pairs(T, 2.0, 4, 8, (0.5, 0.8))
+    rows = list(range(len(T)))
+    samples = [pairs(W, rows, plan) for W in (moving, still)]
+    out = {}
+    for dt in (torch.float64, torch.float32):
+        feats = torch.stack([s[0] for s in samples]).to(dt)
+        targets = torch.stack([s[1] for s in samples]).to(dt)
+        app = torch.stack([s[2] for s in samples]).to(dt)
+        mask = torch.ones(feats.shape[:2], dtype=torch.bool)
+        app_mask = torch.ones(app.shape[:2], dtype=torch.bool)
+        fitted = fit_batch(feats, targets, mask, app, app_mask, torch.tensor(plan.ratios, dtype=dt), FitConfig())
+        assert torch.isfinite(fitted.A).all() and torch.isfinite(fitted.b).all(), dt
+        feats_n = torch.stack([at(moving, rows, it) for it in plan.app_features], -1)
+        out[dt] = apply(fitted.A[0].double(), fitted.b[0].double(), feats_n)[:, -1]
+        still_n = torch.stack([at(still, rows, it) for it in plan.app_features], -1)
+        assert torch.allclose(apply(fitted.A[1].double(), fitted.b[1].double(), still_n)[:, -1], still[-1], atol=1e-3)
+    moved = (moving[-1] - moving[0]).abs().mean()
+    assert (out[torch.float32] - out[torch.float64]).abs().mean() < 0.05 * moved
