@@ -11,7 +11,7 @@ the end of training, step 600 (what `farcast fit --target-step 600` runs; the 50
 its peak RSS above the process's RSS before the fit (imports excluded). Printed: fit / ingest
 (goal <= 0.1x) and the split.
 
-    python bench/fit_cost.py [--no-big] [--work DIR]
+    python bench/fit_cost.py [--no-big] [--device cpu|cuda|auto] [--work DIR]
 """
 
 from __future__ import annotations
@@ -105,6 +105,9 @@ F.plan_fit = timed("plan", F.plan_fit)
 F._chunk_pairs = timed("read", F._chunk_pairs)
 F._fit_padded = timed("solve", F._fit_padded)
 F.save_forecasters = timed("save", F.save_forecasters)
+import torch
+if {device!r} != "auto":
+    F.default_device = lambda: torch.device({device!r})
 def hwm():  # peak RSS of this process image in KiB (ru_maxrss would carry the parent's peak across exec)
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 import torch; torch.zeros(1)
@@ -136,8 +139,8 @@ def timed_ingest(run: Path, store: Path) -> float:
     return float(p.stdout.strip().splitlines()[-1])
 
 
-def timed_fit(store: Path, out: Path, target: int | None, ratio: float | None) -> dict:
-    code = CHILD.format(repo=str(REPO), store=str(store), out=str(out), target=target, ratio=ratio)
+def timed_fit(store: Path, out: Path, target: int | None, ratio: float | None, device: str = "auto") -> dict:
+    code = CHILD.format(repo=str(REPO), store=str(store), out=str(out), target=target, ratio=ratio, device=device)
     p = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=REPO)
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -145,6 +148,7 @@ def timed_fit(store: Path, out: Path, target: int | None, ratio: float | None) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-big", action="store_true", help="skip the 50M-parameter run")
+    ap.add_argument("--device", default="auto", help="fit on cpu, cuda, or auto (cuda when present)")
     ap.add_argument("--work", default=str(REPO / "bench" / "out" / "fit_cost"))
     args = ap.parse_args()
     work = Path(args.work)
@@ -158,13 +162,14 @@ def main() -> None:
         if not run.exists():
             make(run)
         ingest_s = timed_ingest(run, work / name / "store")
-        fit = timed_fit(work / name / "store", work / name / "forecasters.safetensors", target, ratio)
+        fit = timed_fit(work / name / "store", work / name / "forecasters.safetensors", target, ratio, args.device)
         sp = fit["spent"]
         print(f"{name:<8} {fit['params'] / 1e6:>8.2f}M {fit['chunks']:>6} {ingest_s:>9.2f} {fit['total']:>7.2f} "
               f"{fit['total'] / ingest_s:>9.2f}x   {sp['plan']:>6.2f} {sp['read']:>6.2f} {sp['solve']:>6.2f} "
               f"{sp['save']:>6.2f}   {fit['rss_peak_mib'] - fit['rss_before_mib']:>10.0f} "
               f"(peak {fit['rss_peak_mib']:.0f})")
-    print("(each stage timed inside a fresh process, imports excluded; goal: fit / ingest <= 0.1x)")
+    print(f"(fit device: {args.device}; each stage timed inside a fresh process, imports excluded; "
+          "goal: fit / ingest <= 0.1x)")
 
 
 if __name__ == "__main__":
