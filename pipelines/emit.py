@@ -30,7 +30,7 @@ from farcast_core.forecaster import FitConfig, Forecasters
 from farcast_core.series import at
 from pipelines.backtest import backtest
 from farcast_core.schedules import multiplier
-from pipelines.fit import fit_store, resolve_target, time_axis
+from pipelines.fit import excluded_tensors, fit_store, resolve_target, time_axis
 from storage import writers
 from storage.checkpoints import HF_INDEXES, is_inside, manifest_change, read_safetensors_header
 from storage.store import VERSION, RunStore, TensorMeta
@@ -81,10 +81,9 @@ def emit(
     """
     store = RunStore.open(store_url)
     axis = time_axis(store, fit_config)
-    rho, target = resolve_target(store.steps, target_step, ratio, axis)
-    finals = check_output(store, out, target, config)  # before any fit: a bad --out costs nothing
-    sources = newest_sources(store)
-    copy_rows(store, set(forecasters.excluded) if forecasters else excluded_tensors(store), config.nonfinite)
+    # before any fit: a bad --out, a rewritten checkpoint or a NaN to copy costs nothing
+    rho, target, finals, sources = _checks(store, axis, out, target_step, ratio, config,
+                                           set(forecasters.excluded) if forecasters else None)
 
     if forecasters is not None:
         fc_axis = (forecasters.axis or {}).get("name", "steps")
@@ -156,11 +155,16 @@ def check_before_fit(store_url: str | os.PathLike, out: str | os.PathLike, targe
                      ratio: float | None, fit_config: FitConfig = FitConfig(), config: EmitConfig = EmitConfig()) -> int:
     """Every check emit makes before fitting (target, --out, provenance, NaN copies); returns the target step."""
     store = RunStore.open(store_url)
-    _, target = resolve_target(store.steps, target_step, ratio, time_axis(store, fit_config))
-    check_output(store, out, target, config)
-    newest_sources(store)
-    copy_rows(store, excluded_tensors(store), config.nonfinite)
-    return target
+    return _checks(store, time_axis(store, fit_config), out, target_step, ratio, config)[1]
+
+
+def _checks(store: RunStore, axis, out, target_step, ratio, config: EmitConfig, excluded: set[str] | None = None):
+    """(ratio, target step, output paths, newest weight files), refusing what emit would refuse later."""
+    rho, target = resolve_target(store.steps, target_step, ratio, axis)
+    finals = check_output(store, out, target, config)
+    sources = newest_sources(store)
+    copy_rows(store, excluded_tensors(store) if excluded is None else excluded, config.nonfinite)
+    return rho, target, finals, sources
 
 
 def check_output(store: RunStore, out: str | os.PathLike, target: int, config: EmitConfig = EmitConfig()) -> list[Path]:
@@ -277,11 +281,6 @@ class Forecast:
     def tensor(self, m: TensorMeta) -> torch.Tensor:
         parts = [from_storage(c, m.dtype) for c in self.chunks(m)]
         return torch.cat(parts).reshape(m.shape).clone()
-
-
-def excluded_tensors(store: RunStore) -> set[str]:
-    """The float tensors a fit on the whole run leaves unforecast: NaN/Inf at some committed step."""
-    return {n for n in store.nonfinite() if store.tensors[n].kind == "float"}
 
 
 def copy_rows(store: RunStore, not_forecast: set[str], policy: str = "refuse") -> dict[str, int]:

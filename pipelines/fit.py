@@ -102,6 +102,11 @@ class FitPlan:
     batches: list[list[tuple[str, int]]]  # (tensor, chunk) keys, one batched problem each
 
 
+def excluded_tensors(store: RunStore, n_rows: int | None = None) -> set[str]:
+    """The float tensors a fit on the first ``n_rows`` steps leaves unforecast: NaN/Inf at one of them."""
+    return {n for n in store.nonfinite(n_rows) if store.tensors[n].kind == "float"}
+
+
 def plan_fit(
     store: RunStore, n_rows: int, rho: float, config: FitConfig = FitConfig(), axis: TimeAxis | None = None
 ) -> FitPlan:
@@ -109,7 +114,7 @@ def plan_fit(
     steps = store.steps[:n_rows]
     times = axis.times(steps)
     pairs_plan = plan_pairs(times, rho, config.horizons, config.max_cuts, config.extra_features, axis.unit)
-    excluded = sorted(n for n in store.nonfinite(n_rows) if store.tensors[n].kind == "float")
+    excluded = sorted(excluded_tensors(store, n_rows))
     metas = [m for m in store.tensors.values() if m.kind == "float" and m.name not in excluded]
     if not metas:
         raise ForecastError(f"{store.url}: no float tensor to forecast (excluded for NaN/Inf: {excluded})")
