@@ -7,9 +7,11 @@ Runs (made here, no downloads):
             13 checkpoints (about 2.6 GB on disk; --no-big skips it)
 
 Each stage runs in a fresh process, timed after its imports: ingest of the run, then the fit of
-the end of training, step 600 (what `farcast fit --target-step 600` runs; the 50M run: ratio 2) with its time split into planning, reading + pairing the sampled rows, solving and saving, and
-its peak RSS above the process's RSS before the fit (imports excluded). Printed: fit / ingest
-(goal <= 0.1x) and the split.
+the end of training, step 600 (what `farcast fit --target-step 600` runs; the 50M run: ratio 2)
+with its time split into planning, reading + pairing the sampled rows, reducing them to second
+moments, solving, saving, and the rest (opening the store, the time axis, checks), and its peak
+RSS above the process's RSS before the fit (imports excluded). Printed: fit / ingest (goal
+<= 0.1x) and the split.
 
     python bench/fit_cost.py [--no-big] [--device cpu|cuda|auto] [--work DIR]
 """
@@ -92,7 +94,7 @@ sys.path.insert(0, {repo!r})
 import pipelines.fit as F
 from farcast_core.forecaster import FitConfig
 from storage.store import RunStore
-spent = dict(plan=0.0, read=0.0, solve=0.0, save=0.0)
+spent = dict(plan=0.0, read=0.0, reduce=0.0, solve=0.0, save=0.0)
 def timed(key, f):
     def g(*a, **k):
         t = time.perf_counter()
@@ -102,8 +104,10 @@ def timed(key, f):
             spent[key] += time.perf_counter() - t
     return g
 F.plan_fit = timed("plan", F.plan_fit)
-F._chunk_pairs = timed("read", F._chunk_pairs)
-F._fit_padded = timed("solve", F._fit_padded)
+F.read_sampled = timed("read", F.read_sampled)
+F._chunk_values = timed("read", F._chunk_values)
+F.reduce_values = timed("reduce", F.reduce_values)
+F.solve = timed("solve", F.solve)
 F.save_forecasters = timed("save", F.save_forecasters)
 import torch
 if {device!r} != "auto":
@@ -156,7 +160,8 @@ def main() -> None:
     if not args.no_big:
         runs["50M"] = (big_run, None, 2.0)
     print(f"{'run':<8} {'params':>9} {'chunks':>6} {'ingest s':>9} {'fit s':>7} {'fit/ingest':>10}   "
-          f"{'plan':>6} {'read':>6} {'solve':>6} {'save':>6}   {'fit RSS MiB (peak - before)':>28}")
+          f"{'plan':>6} {'read':>6} {'reduce':>6} {'solve':>6} {'save':>6} {'other':>6}   "
+          f"{'fit RSS MiB (peak - before)':>28}")
     for name, (make, target, ratio) in runs.items():
         run = work / name / "run"
         if not run.exists():
@@ -165,8 +170,9 @@ def main() -> None:
         fit = timed_fit(work / name / "store", work / name / "forecasters.safetensors", target, ratio, args.device)
         sp = fit["spent"]
         print(f"{name:<8} {fit['params'] / 1e6:>8.2f}M {fit['chunks']:>6} {ingest_s:>9.2f} {fit['total']:>7.2f} "
-              f"{fit['total'] / ingest_s:>9.2f}x   {sp['plan']:>6.2f} {sp['read']:>6.2f} {sp['solve']:>6.2f} "
-              f"{sp['save']:>6.2f}   {fit['rss_peak_mib'] - fit['rss_before_mib']:>10.0f} "
+              f"{fit['total'] / ingest_s:>9.3f}x   {sp['plan']:>6.3f} {sp['read']:>6.3f} {sp['reduce']:>6.3f} "
+              f"{sp['solve']:>6.3f} {sp['save']:>6.3f} {fit['total'] - sum(sp.values()):>6.3f}   "
+              f"{fit['rss_peak_mib'] - fit['rss_before_mib']:>10.0f} "
               f"(peak {fit['rss_peak_mib']:.0f})")
     print(f"(fit device: {args.device}; each stage timed inside a fresh process, imports excluded; "
           "goal: fit / ingest <= 0.1x)")

@@ -38,6 +38,21 @@ class PairPlan:
     targets: tuple[tuple[Interp, ...], ...]  # per cut: one Interp per horizon ratio
     app_features: tuple[Interp, ...]  # the features at the newest row, for the forecast itself
 
+    def coefficients(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every value the plan uses as a weighted sum of its ``rows``: (features (C, F, R),
+        targets (C, m, R), newest features (F, R)), C cuts, R = len(rows)."""
+        pos = {r: i for i, r in enumerate(self.rows)}
+
+        def row(it: Interp) -> np.ndarray:
+            a = np.zeros(len(pos))
+            a[pos[it.lo]] += 1.0 - it.w
+            a[pos[it.hi]] += it.w
+            return a
+
+        return (np.array([[row(it) for it in f] for f in self.features]),
+                np.array([[row(it) for it in g] for g in self.targets]),
+                np.array([row(it) for it in self.app_features]))
+
     @property
     def rows(self) -> list[int]:
         """Every stored row the plan reads, ascending."""

@@ -97,3 +97,14 @@ def widen(a: np.ndarray, name: str):
 
     t = from_storage(a, name)
     return t if t.dtype == torch.float64 else t.to(torch.float32)
+
+
+def widen_np(a: np.ndarray, name: str) -> np.ndarray:
+    """``widen`` in numpy: exact float32 (float64 stays float64), without importing torch for bf16."""
+    if name == "float64":
+        return np.asarray(a, dtype=np.float64)
+    if name == "bfloat16":  # the top 16 bits of a float32
+        return (np.asarray(a, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if name.startswith("float8"):
+        return widen(a, name).numpy()
+    return np.asarray(a, dtype=np.float32)

@@ -12,7 +12,8 @@ import torch
 
 from farcast_core import baselines
 from farcast_core.calibration import Interp, PairPlan, plan_pairs
-from farcast_core.forecaster import FitConfig, Fitted, apply, fit_batch
+from farcast_core.forecaster import FitConfig, Fitted, apply, fit_values
+from farcast_core.sampling import sample_index
 
 
 def at(values: torch.Tensor, rows: Sequence[int], it: Interp) -> torch.Tensor:
@@ -30,28 +31,17 @@ def pairs(values: torch.Tensor, rows: Sequence[int], plan: PairPlan) -> tuple[to
     return feats, targets, app
 
 
-def sample_index(n: int, l: int, seed: int) -> torch.Tensor:
-    """A sorted, seeded sample of l of n positions (all of them when n <= l)."""
-    if n <= l:
-        return torch.arange(n)
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(n, generator=g)[:l].sort().values
-
-
 def fit_series(
     W: torch.Tensor, times: Sequence[float], rho: float, config: FitConfig = FitConfig()
 ) -> tuple[Fitted, PairPlan]:
     """Fit one forecaster on a (T, P) series observed at ``times``."""
     plan = plan_pairs(times, rho, config.horizons, config.max_cuts, config.extra_features)
     W = W.to(torch.float64)
-    idx = sample_index(W.shape[1], config.sample, config.seed)
-    rows = list(range(W.shape[0]))
-    feats, targets, app = pairs(W[:, idx], rows, plan)
+    idx = torch.from_numpy(sample_index(W.shape[1], config.sample, config.seed))
+    values = W[plan.rows][:, idx]  # (R, l): the rows the plan reads, of the sampled parameters
     ratios = torch.tensor(plan.ratios, dtype=torch.float64)
-    fitted = fit_batch(
-        feats[None], targets[None], torch.ones(1, feats.shape[0], dtype=torch.bool),
-        app[None], torch.ones(1, app.shape[0], dtype=torch.bool), ratios, config,
-    )
+    fitted = fit_values(values[None], torch.ones(1, values.shape[1], dtype=torch.bool), plan.coefficients(), ratios,
+                        config)
     return fitted, plan
 
 

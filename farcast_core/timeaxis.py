@@ -255,15 +255,21 @@ def _infer(points, peak: float | None, total: int) -> list[Schedule]:
 
 
 def _fit_peak(name, w, total, opts, steps, lrs, peak) -> float | None:
-    """The peak learning rate with which (name, w) reproduces ``lrs`` at ``steps``, or None."""
+    """The peak learning rate with which (name, w) reproduces ``lrs`` at ``steps``, or None.
+
+    Plain Python floats, not numpy: this runs for thousands of candidate warm-ups per fit, on a
+    handful of points each, where numpy's per-call overhead was most of a fit's time.
+    """
     try:
-        m = np.array([multiplier(name, int(s), w, total, **opts) for s in steps])
+        m = [multiplier(name, int(s), w, total, **opts) for s in steps]
     except (ValueError, ZeroDivisionError):
         return None
-    p = peak if peak else float((m * lrs).sum() / max((m * m).sum(), 1e-300))
-    if p <= 0 or not np.allclose(p * m, lrs, rtol=REL_TOL, atol=1e-30):
+    lrs = [float(x) for x in lrs]
+    p = peak if peak else sum(a * b for a, b in zip(m, lrs)) / max(sum(a * a for a in m), 1e-300)
+    # np.allclose(p * m, lrs, rtol=REL_TOL, atol=1e-30), NaN never close
+    if not p > 0 or not all(abs(p * a - b) <= 1e-30 + REL_TOL * abs(b) for a, b in zip(m, lrs)):
         return None
-    return p
+    return float(p)
 
 
 def _same_future(a: Schedule, b: Schedule, points) -> bool:

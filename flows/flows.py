@@ -23,7 +23,7 @@ from prefect.artifacts import (  # noqa: E402
 
 from farcast_core.baselines import METHODS  # noqa: E402
 from farcast_core.errors import FarcastError  # noqa: E402
-from farcast_core.forecaster import FitConfig  # noqa: E402
+from farcast_core.forecaster import FitConfig, default_device  # noqa: E402
 from farcast_core.timeaxis import TimeAxis  # noqa: E402
 from pipelines import backtest as backtest_mod  # noqa: E402
 from pipelines import emit as emit_mod  # noqa: E402
@@ -84,22 +84,24 @@ def plan_fit_task(store: str, target_step: int | None, ratio: float | None, fit_
     return {"rho": rho, "target_step": target, "n_rows": len(s.steps), "batches": plan.batches, "axis": axis.to_json()}
 
 
-@task(name="fit-chunks", **DISK_RETRIES)
-def fit_chunks_task(store: str, n_rows: int, rho: float, fit_config: dict, axis: dict, keys: list) -> dict:
+@task(name="reduce-chunks", **DISK_RETRIES)
+def reduce_chunks_task(store: str, n_rows: int, rho: float, fit_config: dict, axis: dict, keys: list):
+    """Read one batch of chunks' sampled rows and reduce them to the moments the refinement needs."""
     s = RunStore.open(store)
     cfg = FitConfig.from_json(fit_config)
     plan = fit_mod.plan_fit(s, n_rows, rho, cfg, TimeAxis.from_json(axis))
-    A, b = fit_mod.fit_keys(s, plan, [tuple(k) for k in keys], cfg)
-    return {"A": A.tolist(), "b": b.tolist()}  # float64 -> Python floats: exact
+    device = default_device()
+    return fit_mod.reduce_keys(s, plan, [tuple(k) for k in keys], cfg, device).to(torch.device("cpu"), torch.float64)
 
 
-@task(name="save-forecasters", **DISK_RETRIES)
+@task(name="solve-and-save", **DISK_RETRIES)
 def save_forecasters_task(store: str, n_rows: int, rho: float, target: int, fit_config: dict, axis: dict,
-                          parts: list[dict]) -> str:
+                          parts: list) -> str:
+    """Refine every chunk at once (the moments are small) and save the forecasters."""
     s = RunStore.open(store)
     cfg = FitConfig.from_json(fit_config)
     plan = fit_mod.plan_fit(s, n_rows, rho, cfg, TimeAxis.from_json(axis))
-    fc = fit_mod.assemble(plan, cfg, [(torch.tensor(p["A"], dtype=torch.float64), torch.tensor(p["b"], dtype=torch.float64)) for p in parts])
+    fc = fit_mod.finish(plan, cfg, parts)
     return str(fit_mod.save(s, fc, default_forecaster_path(store, target), target))
 
 
@@ -122,7 +124,7 @@ def emit_task(store: str, out: str, target_step: int, fit_config: dict, emit_con
 def _fit(store: str, target_step: int | None, ratio: float | None, cfg: dict) -> dict:
     plan = plan_fit_task(store, target_step, ratio, cfg)
     progress = create_progress_artifact(0.0, key="farcast-fit", description="Fitting chunk forecasters")
-    futures = fit_chunks_task.map(unmapped(store), unmapped(plan["n_rows"]), unmapped(plan["rho"]), unmapped(cfg),
+    futures = reduce_chunks_task.map(unmapped(store), unmapped(plan["n_rows"]), unmapped(plan["rho"]), unmapped(cfg),
                                   unmapped(plan["axis"]), plan["batches"])
     parts = []
     for n, fut in enumerate(futures):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,8 +19,8 @@ from farcast_core import timeaxis
 from farcast_core.calibration import PairPlan, plan_pairs
 from farcast_core.dtypes import widen
 from farcast_core.errors import ForecastError, StoreError
-from farcast_core.forecaster import FitConfig, Forecasters, default_device, fit_batch
-from farcast_core.series import pairs, sample_index
+from farcast_core.forecaster import FitConfig, Forecasters, Moments, default_device, reduce_values, solve
+from farcast_core.sampling import chunk_seed, sample_index
 from farcast_core.timeaxis import STEPS, TimeAxis
 from storage.artifacts import default_forecaster_path, save_forecasters
 from storage.lock import StoreLock
@@ -82,11 +81,6 @@ def resolve_target(
     return float((axis.times([target])[0] - t0) / (tn - t0)), target
 
 
-def chunk_seed(seed: int, name: str, chunk: int) -> int:
-    """A sample seed per chunk that depends on the tensor name, not on processing order."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 4_099 + chunk) % (2**63)
-
-
 @dataclass
 class FitPlan:
     """What fitting one target on a run involves: the pairs, and the chunk batches to fit."""
@@ -124,14 +118,31 @@ def plan_fit(
                    {m.name: m.chunk for m in metas}, batches)
 
 
-def fit_keys(
-    store: RunStore, plan: FitPlan, keys: list[tuple[str, int]], config: FitConfig, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A (K, F, m), b (K, m)) float64 on the CPU for one batch of chunk keys."""
+def reduce_keys(
+    store: RunStore, plan: FitPlan, keys: list[tuple[str, int]], config: FitConfig, device: torch.device,
+    sampled: np.ndarray | None = None,
+) -> Moments:
+    """The reduced fitting problems of one batch of chunk keys (the rows are read here, once).
+
+    ``sampled``: the plan's rows of the store's sample array, when the caller read them already.
+    """
     metas = store.tensors
-    samples = [_chunk_pairs(store, plan.pairs, metas[name], i, config) for name, i in keys]
-    fitted = _fit_padded(samples, plan.pairs, config, device or default_device())
-    return fitted.A.cpu(), fitted.b.cpu()
+    if sampled is None:
+        sampled = read_sampled(store, plan, config, keys)
+    values = [_chunk_values(store, plan.pairs, metas[name], i, config, sampled) for name, i in keys]
+    W = torch.zeros(len(values), len(plan.pairs.rows), max(v.shape[1] for v in values), dtype=torch.float64)
+    mask = torch.zeros(W.shape[0], W.shape[2], dtype=torch.bool)
+    for k, v in enumerate(values):
+        W[k, :, : v.shape[1]], mask[k, : v.shape[1]] = v, True
+    return reduce_values(W.to(device=device, dtype=_dtype(device)), mask.to(device), plan.pairs.coefficients())
+
+
+def _dtype(device: torch.device) -> torch.dtype:
+    return torch.float64 if device.type == "cpu" else torch.float32  # features are normalised first
+
+
+def _ratios(plan: FitPlan, device: torch.device) -> torch.Tensor:
+    return torch.tensor(plan.pairs.ratios, dtype=_dtype(device), device=device)
 
 
 def assemble(plan: FitPlan, config: FitConfig, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> Forecasters:
@@ -155,40 +166,48 @@ def fit_store(
 ) -> Forecasters:
     """Fit forecasters for ratio ``rho`` (on ``axis``) on the first ``n_rows`` committed steps of ``store``."""
     plan = plan_fit(store, n_rows, rho, config, axis)
+    device = device or default_device()
+    sampled = read_sampled(store, plan, config)
     parts = []
-    for n, keys in enumerate(plan.batches):
-        parts.append(fit_keys(store, plan, keys, config, device))
+    for n, keys in enumerate(plan.batches):  # read and reduce batch by batch; then refine all chunks at once
+        parts.append(reduce_keys(store, plan, keys, config, device, sampled))
         if progress:
             progress(n + 1, len(plan.batches))
-    return assemble(plan, config, parts)
+    return finish(plan, config, parts, device)
 
 
-def _chunk_pairs(store: RunStore, plan: PairPlan, m, i: int, config: FitConfig):
+def finish(plan: FitPlan, config: FitConfig, parts: list[Moments], device: torch.device | None = None) -> Forecasters:
+    """Refine every chunk of the reduced batches at once (``solve``) and assemble the run's forecasters."""
+    device = device or default_device()
+    moments = Moments.cat([p.to(device, _dtype(device)) for p in parts])
+    fitted = solve(moments, _ratios(plan, device), config)
+    return assemble(plan, config, [(fitted.A.cpu().to(torch.float64), fitted.b.cpu().to(torch.float64))])
+
+
+def read_sampled(store: RunStore, plan: FitPlan, config: FitConfig, keys=None) -> np.ndarray | None:
+    """The rows the plan needs of the store's sample array (the columns of ``keys``, default all),
+    or None where the store keeps no sample for this config's sample size and seed."""
+    layout = store.sample_layout
+    if layout is None or not layout.serves(config.sample, config.seed):
+        return None
+    if keys is None:
+        return store.read_sample(plan.pairs.rows)
+    spans = [layout.spans[k] for k in keys]
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    out = np.zeros((len(plan.pairs.rows), layout.width), dtype=np.float64)
+    out[:, lo:hi] = store.read_sample(plan.pairs.rows, lo, hi)
+    return out
+
+
+def _chunk_values(store: RunStore, plan: PairPlan, m, i: int, config: FitConfig, sampled: np.ndarray | None = None):
+    """Chunk i of tensor m's sampled parameters at the plan's rows, (R, l) float64: from the sample
+    array, else from the chunk itself."""
+    if sampled is not None:
+        a, b = store.sample_layout.spans[(m.name, i)]
+        return torch.from_numpy(np.ascontiguousarray(sampled[:, a:b], dtype=np.float64))
     a, b = m.plan.bounds(i)
-    idx = sample_index(b - a, config.sample, chunk_seed(config.seed, m.name, i)).numpy()
-    vals = widen(store.read(m.name, plan.rows, cols=a + idx), m.dtype).to(torch.float64)  # (R, l)
-    return pairs(vals, plan.rows, plan)
-
-
-def _fit_padded(samples, plan: PairPlan, config: FitConfig, device):
-    """Stack per-chunk pairs of different sizes into one padded batch and fit it."""
-    K, F, m = len(samples), len(plan.feature_ratios), len(plan.ratios)
-    N = max(s[0].shape[0] for s in samples)
-    L = max(s[2].shape[0] for s in samples)
-    feats = torch.zeros(K, N, F, dtype=torch.float64)
-    targets = torch.zeros(K, N, m, dtype=torch.float64)
-    app = torch.zeros(K, L, F, dtype=torch.float64)
-    mask = torch.zeros(K, N, dtype=torch.bool)
-    app_mask = torch.zeros(K, L, dtype=torch.bool)
-    for k, (f, t, ap) in enumerate(samples):
-        feats[k, : len(f)], targets[k, : len(t)], app[k, : len(ap)] = f, t, ap
-        mask[k, : len(f)], app_mask[k, : len(ap)] = True, True
-    dt = torch.float64 if device.type == "cpu" else torch.float32  # features are normalised first
-    mv = lambda x: x.to(device=device, dtype=dt if x.is_floating_point() else x.dtype)  # noqa: E731
-    ratios = torch.tensor(plan.ratios, dtype=dt, device=device)
-    fitted = fit_batch(mv(feats), mv(targets), mv(mask), mv(app), mv(app_mask), ratios, config)
-    fitted.A, fitted.b = fitted.A.to(torch.float64), fitted.b.to(torch.float64)
-    return fitted
+    idx = sample_index(b - a, config.sample, chunk_seed(config.seed, m.name, i))
+    return widen(store.read(m.name, plan.rows, cols=a + idx), m.dtype).to(torch.float64)
 
 
 def fit(

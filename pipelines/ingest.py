@@ -21,8 +21,11 @@ from pathlib import Path
 from typing import Callable
 
 from farcast_core.chunks import plan
-from farcast_core.dtypes import DTYPES, nonfinite
+import numpy as np
+
+from farcast_core.dtypes import DTYPES, nonfinite, widen_np
 from farcast_core.errors import CheckpointError, ConfigError, SequenceMismatchError, StoreError
+from farcast_core.sampling import SAMPLE, SEED
 from storage.checkpoints import (
     Checkpoint, Discovery, TensorInfo, discover, file_manifest, is_inside, manifest_change, open_checkpoint,
 )
@@ -106,7 +109,7 @@ def _ingest_locked(found: Discovery, store: RunStore, config: IngestConfig, on_s
     # Plan every new step from its headers before writing anything.
     infos = [_headers(c, config) for c in new]
     if not have:
-        store.define_tensors(_metas(infos[0], config.memory_budget_mb * 2**20))
+        store.define_tensors(_metas(infos[0], config.memory_budget_mb * 2**20), sample=(SAMPLE, SEED))
     expected = store.tensors
     for c, info in zip(new, infos):
         _check_same(c, info, expected)
@@ -219,6 +222,8 @@ def _check_same(c: Checkpoint, info: dict[str, TensorInfo], expected: dict[str, 
 def _write_step(c: Checkpoint, row: int, store: RunStore, config: IngestConfig, pool) -> tuple[list[str], int]:
     """Copy one checkpoint into row ``row``, chunk by chunk; returns (tensors with NaN/Inf, bytes)."""
     metas = list(store.tensors.values())
+    layout = store.sample_layout  # the fit's sample of each chunk, kept in one small array
+    sampled = np.empty(layout.width, dtype=np.float64) if layout else None
     with open_checkpoint(c, config.allow_pickle) as reader:
 
         def one(job: tuple[TensorMeta, int]) -> tuple[str, bool, int]:
@@ -227,6 +232,9 @@ def _write_step(c: Checkpoint, row: int, store: RunStore, config: IngestConfig, 
             values = reader.read(m.name, a, b)
             bad = m.kind == "float" and nonfinite(values, m.dtype)
             store.write(m.name, row, a, values)
+            if layout and m.kind == "float":
+                s0, s1 = layout.spans[(m.name, i)]
+                sampled[s0:s1] = widen_np(values[layout.index(m.name, i, b - a)], m.dtype)
             return m.name, bad, values.nbytes
 
         jobs = [(m, i) for m in metas for i in range(m.plan.n_chunks)]
@@ -237,6 +245,8 @@ def _write_step(c: Checkpoint, row: int, store: RunStore, config: IngestConfig, 
             nbytes += n
             if bad:
                 flagged.add(name)
+    if layout:
+        store.write_sample(row, sampled)
     return sorted(flagged), nbytes
 
 

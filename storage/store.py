@@ -10,6 +10,10 @@ Layout (all metadata is JSON in ``zarr.json`` files, readable without farcast):
         steps    the commit record: [{step, sources, nonfinite}, ...] (row i of every array)
     <store>/params/<name>/      one array per tensor, shape (rows, numel), chunks (1, chunk),
                                 uncompressed; bf16/fp8 as exact uint16/uint8 bit patterns
+    <store>/sample/             the values the fit samples (farcast_core.sampling.SampleLayout):
+                                shape (rows, width), one chunk per row, float32 (float64 if a
+                                tensor is), described by root attribute ``sample`` {size, seed,
+                                dtype, width}; stores without it are fitted from params/
 
 A step is visible only once its entry is appended to ``steps``, which is written last and
 atomically (zarr's LocalStore writes a temporary file and renames it); the tensor manifest is
@@ -35,12 +39,14 @@ import zarr
 from farcast_core.chunks import ChunkPlan
 from farcast_core.dtypes import DTYPES
 from farcast_core.errors import StoreError
+from farcast_core.sampling import SampleLayout
 from storage.lock import LOCK_NAME
 
 FORMAT = 1
 VERSION = "0.1.0"
 TMP_DIR = ".farcast-tmp"  # chunk files being written (local stores); removed by the next writer
 OURS = {LOCK_NAME, TMP_DIR}  # entries of a store directory that are farcast's, not zarr's
+SAMPLE_CHUNK = 1 << 20  # columns per chunk of the sample array (a fit task reads the span of its batch)
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,8 @@ class RunStore:
         self.group = group
         self._arrays: dict[str, zarr.Array] = {}
         self._tensors: dict[str, TensorMeta] | None = None
+        self._sample: SampleLayout | None = None
+        self._sample_meta: dict | None = None  # defined, committed with the first step
 
     # ------------------------------------------------------------ opening
 
@@ -166,10 +174,23 @@ class RunStore:
             self._tensors = {n: TensorMeta.from_json(d) for n, d in recorded.items()}
         return self._tensors
 
-    def define_tensors(self, metas: list[TensorMeta]) -> None:
-        """Create one empty array per tensor (before the first step); the manifest is committed with it."""
+    def define_tensors(self, metas: list[TensorMeta], sample: tuple[int, int] | None = None) -> None:
+        """Create one empty array per tensor (before the first step); the manifest is committed with it.
+
+        ``sample`` (size, seed): also keep the values a fit with that sample size and seed reads.
+        """
         if self.steps:
             raise StoreError(f"{self.url}: tensors are fixed once a step is committed")
+        self._sample = self._sample_meta = None
+        floats = [m for m in metas if m.kind == "float"]
+        if sample and floats:
+            layout = SampleLayout.of([(m.name, i, m.plan.bounds(i)[1] - m.plan.bounds(i)[0])
+                                      for m in floats for i in range(m.plan.n_chunks)], *sample)
+            dtype = "float64" if any(m.dtype == "float64" for m in floats) else "float32"
+            self.group.create_array("sample", shape=(0, layout.width), chunks=(1, min(layout.width, SAMPLE_CHUNK)),
+                                    dtype=dtype, fill_value=0, compressors=None, overwrite=True)
+            self._sample_meta = {"size": sample[0], "seed": sample[1], "dtype": dtype, "width": layout.width}
+            self._sample = layout
         for m in metas:
             self.group.create_array(
                 m.path,
@@ -189,6 +210,9 @@ class RunStore:
             a = self.array(m.name)
             if a.shape[0] != rows:
                 a.resize((rows, m.numel))
+        a = self._sample_array()
+        if a is not None and a.shape[0] != rows:
+            a.resize((rows, a.shape[1]))
 
     @property
     def schedule(self) -> dict | None:
@@ -211,6 +235,9 @@ class RunStore:
         attrs = fresh | {"steps": steps + [record], "schedule": schedule}
         if not steps:
             attrs["tensors"] = {n: asdict(m) for n, m in self.tensors.items()}
+            attrs.pop("sample", None)
+            if self._sample_meta:
+                attrs["sample"] = self._sample_meta
         self.group.update_attributes(attrs)
 
     def set_schedule(self, schedule: dict) -> None:
@@ -238,6 +265,42 @@ class RunStore:
                 p.unlink(missing_ok=True)
                 n += 1
         return n
+
+    # ------------------------------------------------------------ the fit's sample
+
+    @property
+    def sample_layout(self) -> SampleLayout | None:
+        """Which columns of the sample array hold which chunk's sampled values (None: no sample kept)."""
+        if self._sample is None:
+            meta = self.group.attrs.get("sample") if self.group.attrs["steps"] else None
+            if meta:
+                floats = [m for m in self.tensors.values() if m.kind == "float"]
+                self._sample = SampleLayout.of([(m.name, i, m.plan.bounds(i)[1] - m.plan.bounds(i)[0])
+                                                for m in floats for i in range(m.plan.n_chunks)],
+                                               meta["size"], meta["seed"])
+        return self._sample
+
+    def _sample_array(self) -> zarr.Array | None:
+        if self._sample_meta is None and self.sample_layout is None:
+            return None
+        if "sample" not in self._arrays:
+            self._arrays["sample"] = self.group["sample"]
+        return self._arrays["sample"]
+
+    def write_sample(self, row: int, values: np.ndarray) -> None:
+        """Row ``row`` of the sample array (every chunk's sampled values of one step)."""
+        a = self._sample_array()
+        a[row, :] = values.astype(a.dtype, copy=False)
+
+    def read_sample(self, rows: list[int], start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Committed ``rows`` x columns [start, stop) of the sample array."""
+        n = len(self.steps)
+        if any(r >= n or r < 0 for r in rows):
+            raise StoreError(f"{self.url}: rows {rows} asked, {n} committed")
+        a = self._sample_array()
+        lo, hi = min(rows), max(rows) + 1
+        block = a[lo:hi, start:stop]  # one call: zarr fetches the row chunks concurrently
+        return block[[r - lo for r in rows]]
 
     # ------------------------------------------------------------ chunk I/O (safe from workers)
 

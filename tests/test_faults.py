@@ -599,4 +599,4 @@ def test_run_with_a_user_error_is_one_line_without_retries(run, tmp_path):
     p = farcast("run", run, "--store", tmp_path / "store", "--out", tmp_path / "out", "--target-step", 30,
                 env={"FARCAST_HOME": str(tmp_path / "home")})
     one_line_error(p, "not after the newest checkpoint")
-    assert "Retr" not in p.stderr and "fit-chunks" not in p.stderr
+    assert "Retr" not in p.stderr and "reduce-chunks" not in p.stderr

@@ -127,3 +127,34 @@ def test_backtest_command_on_a_checkpoint_dir_and_fit_command(tmp_path, monkeypa
     assert r.exit_code == 0 and (tmp_path / "f.safetensors").is_file()
     r = CliRunner().invoke(main, ["fit", str(stores[0])])
     assert r.exit_code == 2 and "exactly one of --target-step or --ratio" in r.stderr
+
+
+def test_the_sample_ingest_keeps_is_what_the_fit_would_read_from_the_chunks(tmp_path, monkeypatch):
+    """Ingest keeps each chunk's sampled values in one small array; fitting from it gives the same
+    forecasters as reading the chunks themselves (bf16 weights, steps appended by a second ingest)."""
+    import pipelines.fit as F
+
+    run = tmp_path / "run"
+    write_digits_run(run, steps=30, every=5, optimizer="adam", lr=1e-3, hidden=128)
+    for p in run.glob("*.safetensors"):  # bf16, as many real runs save
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(p).items()}, p)
+    late = sorted(run.glob("*.safetensors"))[-2:]
+    for p in late:
+        p.rename(p.with_suffix(".later"))
+    ingest(run, tmp_path / "store", IngestConfig(memory_budget_mb=2))
+    for p in late:
+        p.with_suffix(".later").rename(p)
+    ingest(run, tmp_path / "store", IngestConfig(memory_budget_mb=2))
+    store = RunStore.open(tmp_path / "store")
+    layout = store.sample_layout
+    assert layout is not None and layout.serves(FitConfig().sample, FitConfig().seed) and len(store.steps) == 7
+    assert store.read_sample(list(range(7))).shape == (7, layout.width)
+    assert store.tensors["0.weight"].chunk == 8192 > layout.size  # a chunk the sample draws from
+    cfg = FitConfig(iters=20)
+    assert F.read_sampled(store, F.plan_fit(store, 7, 2.0, cfg), cfg) is not None
+    small = FitConfig(iters=20, sample=1000, seed=3)  # another sample: read from the chunks
+    assert F.read_sampled(store, F.plan_fit(store, 7, 2.0, small), small) is None
+    from_sample = fit_store(store, 7, 2.0, cfg)
+    monkeypatch.setattr(F, "read_sampled", lambda *a, **k: None)
+    from_chunks = fit_store(store, 7, 2.0, cfg)
+    assert torch.equal(from_sample.A, from_chunks.A) and torch.equal(from_sample.b, from_chunks.b)

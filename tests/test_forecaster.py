@@ -137,23 +137,18 @@ def test_baselines_closed_form():
 def test_float32_fit_as_on_a_gpu_solves_constant_chunks():
     """The GPU path fits in float32: a chunk that never moves (a LayerNorm weight at 1) must still solve,
     and a moving chunk must agree with the float64 fit (found on CPU: the float64 ridge vanished in float32)."""
-    from farcast_core.calibration import plan_pairs
-    from farcast_core.forecaster import apply, fit_batch
-    from farcast_core.series import at, pairs
+    from farcast_core.forecaster import apply, fit_values
+    from farcast_core.series import at
 
     moving = sgd_least_squares(0)  # (21, 50)
     still = torch.ones(len(T), 50, dtype=torch.float64)
     plan = plan_pairs(T, 2.0, 4, 8, (0.5, 0.8))
     rows = list(range(len(T)))
-    samples = [pairs(W, rows, plan) for W in (moving, still)]
+    W = torch.stack([moving[plan.rows], still[plan.rows]])  # (2, R, 50)
     out = {}
     for dt in (torch.float64, torch.float32):
-        feats = torch.stack([s[0] for s in samples]).to(dt)
-        targets = torch.stack([s[1] for s in samples]).to(dt)
-        app = torch.stack([s[2] for s in samples]).to(dt)
-        mask = torch.ones(feats.shape[:2], dtype=torch.bool)
-        app_mask = torch.ones(app.shape[:2], dtype=torch.bool)
-        fitted = fit_batch(feats, targets, mask, app, app_mask, torch.tensor(plan.ratios, dtype=dt), FitConfig())
+        fitted = fit_values(W.to(dt), torch.ones(2, 50, dtype=torch.bool), plan.coefficients(),
+                            torch.tensor(plan.ratios, dtype=dt), FitConfig())
         assert torch.isfinite(fitted.A).all() and torch.isfinite(fitted.b).all(), dt
         feats_n = torch.stack([at(moving, rows, it) for it in plan.app_features], -1)
         out[dt] = apply(fitted.A[0].double(), fitted.b[0].double(), feats_n)[:, -1]
@@ -161,3 +156,92 @@ def test_float32_fit_as_on_a_gpu_solves_constant_chunks():
         assert torch.allclose(apply(fitted.A[1].double(), fitted.b[1].double(), still_n)[:, -1], still[-1], atol=1e-3)
     moved = (moving[-1] - moving[0]).abs().mean()
     assert (out[torch.float32] - out[torch.float64]).abs().mean() < 0.05 * moved
+
+
+def explicit_moments(feats, targets, app):
+    """The reduced problem computed the plain way, from the explicit pairs of one chunk (the reference)."""
+    wc = feats[:, -1:]
+    s_rel = (feats[:, :-1] - wc).abs().mean(0) + 1e-12
+    s_wc = wc.abs().mean(0) + 1e-12
+    s_y = s_rel[:1]
+
+    def design(f):
+        c = f[:, -1:]
+        return torch.cat([(f[:, :-1] - c) / s_rel, c / s_wc, torch.ones_like(c)], -1)
+
+    X, Xa, Y = design(feats), design(app), (targets - wc) / s_y
+    G = X.T @ X / len(X)
+    P0 = torch.linalg.solve(G + 1e-8 * torch.eye(G.shape[0], dtype=G.dtype), X.T @ Y / len(X))
+    return dict(G=G, P0=P0, mse0=((X @ P0 - Y) ** 2).mean(0), Ga=Xa.T @ Xa / len(Xa),
+                scale=torch.cat([s_rel, s_wc, s_y]), X=X, Y=Y, Xa=Xa)
+
+
+@pytest.mark.parametrize("extra", [(), (0.5, 0.8)])
+def test_moments_from_values_equal_those_of_the_explicit_pairs(extra):
+    """reduce_values never forms the calibration pairs; it must give what forming them gives, for
+    chunks of different sizes padded into one batch (real SGD weights, interpolated cuts)."""
+    from farcast_core.forecaster import reduce_values
+    from farcast_core.series import pairs
+
+    W = sgd_least_squares(1, dim=50)
+    plan = plan_pairs(T, 2.5, 4, 8, extra)  # ratio 2.5: targets fall between checkpoints
+    rows = list(range(len(T)))
+    chunks = [W[:, :50], W[:, 10:30] * 3 + 1]
+    batch = torch.zeros(2, len(plan.rows), 50, dtype=torch.float64)
+    mask = torch.zeros(2, 50, dtype=torch.bool)
+    for k, c in enumerate(chunks):
+        batch[k, :, : c.shape[1]], mask[k, : c.shape[1]] = c[plan.rows], True
+    M = reduce_values(batch, mask, plan.coefficients())
+    for k, c in enumerate(chunks):
+        ref = explicit_moments(*pairs(c, rows, plan))
+        for name in ("G", "P0", "Ga", "scale"):
+            assert torch.allclose(getattr(M, name)[k], ref[name], rtol=1e-9, atol=1e-9), name
+        assert torch.allclose(M.mse0[k], ref["mse0"], rtol=1e-6, atol=1e-9)
+        n = c.shape[1]  # the kappa rows here are every row (fewer than KAPPA_ROWS), cut-major
+        C = len(plan.cuts)
+        got = M.X[k].reshape(C, -1, M.X.shape[-1])[:, :n].reshape(-1, M.X.shape[-1])
+        assert torch.allclose(got, ref["X"], rtol=1e-9, atol=1e-9)
+        assert torch.allclose(M.Xa[k, :n], ref["Xa"], rtol=1e-9, atol=1e-9)
+        assert int(M.mask[k].sum()) == C * n and int(M.app_mask[k].sum()) == n
+
+
+def test_the_written_out_gradient_is_autograds():
+    from farcast_core.forecaster import _steps, objective, reduce_values
+
+    W = sgd_least_squares(2, dim=40)
+    plan = plan_pairs(T, 2.0, 4, 8, (0.5, 0.8))
+    M = reduce_values(W[plan.rows][None], torch.ones(1, 40, dtype=torch.bool), plan.coefficients())
+    g = torch.Generator().manual_seed(0)
+    kappa, kappa_a = torch.rand(1, 4, generator=g, dtype=torch.float64) + 0.5, torch.rand(1, 4, generator=g, dtype=torch.float64) + 0.5
+    dt = torch.tensor([0.25, 0.25, 0.25, 0.25], dtype=torch.float64)
+    for trial in range(5):
+        P = (M.P0 + 0.3 * torch.randn(M.P0.shape, generator=g, dtype=torch.float64)).requires_grad_(True)
+        loss, grad = objective(P.detach(), M, kappa, kappa_a, dt, 1.0)
+        E = P - M.P0
+        rms = (((M.G @ E) * E).sum(-2) + M.mse0).sqrt()
+        D = _steps(P)
+        v = kappa_a * ((M.Ga @ D) * D).sum(-2).sqrt() / dt
+        ref = (kappa * rms).sum(-1) + torch.relu(v[..., 1:] - v[..., :-1]).sum(-1)
+        ref.sum().backward()
+        assert torch.allclose(loss, ref.detach(), rtol=1e-12)
+        assert torch.allclose(grad, P.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_the_written_out_adam_is_torchs():
+    """solve's update is torch.optim.Adam's with a cosine-annealed rate, on the same gradients."""
+    from farcast_core import forecaster as fc
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    P = torch.zeros(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([P], lr=0.02)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 20)
+    mine, state = torch.zeros_like(target), fc.AdamState.like(target)
+    for it in range(20):
+        loss = ((P - target) ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        mine = state.step(mine, 2 * (mine - target), fc.cosine_lr(0.02, it, 20), it)
+    assert torch.allclose(mine, P.detach(), rtol=1e-10, atol=1e-12)
