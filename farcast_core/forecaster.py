@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from farcast_core.sampling import SAMPLE, SEED
@@ -233,51 +234,59 @@ def _every(V: torch.Tensor, sizes: list[int], steps: list[int]) -> torch.Tensor:
 ACC_TOL = 1e-5  # relative speed-up below which the regulariser sees no acceleration
 
 
-def _kappa(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """mean |z| / rms z over dim -2 where mask holds: (K, r, m) -> (K, m) (1 where z is all zero)."""
+def _kappa(z: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """mean |z| / rms z over dim -2 where mask (K, r) holds: (K, r, m) -> (K, m) float64 numpy; 1 where
+    z is all zero. In torch, on the rows' device: these are the only passes over rows in the loop."""
     w = mask.to(z.dtype).unsqueeze(-1)
     n = w.sum(-2).clamp_min(1)
     mean_abs, rms = (z.abs() * w).sum(-2) / n, ((z * z * w).sum(-2) / n).sqrt()
-    return torch.where(rms > 0, mean_abs / rms.clamp_min(torch.finfo(z.dtype).tiny), torch.ones_like(rms))
+    k = torch.where(rms > 0, mean_abs / rms.clamp_min(torch.finfo(z.dtype).tiny), torch.ones_like(rms))
+    return k.to("cpu", torch.float64).numpy()
 
 
-def _steps(P: torch.Tensor) -> torch.Tensor:
+def _steps(P):
     """The forecast's steps between horizon points, D_j = P_j - P_{j-1} with P_0 = 0: (K, D, m)."""
-    return torch.cat([P[..., :1], P[..., 1:] - P[..., :-1]], -1)
+    if isinstance(P, torch.Tensor):
+        return torch.cat([P[..., :1], P[..., 1:] - P[..., :-1]], -1)
+    return np.concatenate([P[..., :1], P[..., 1:] - P[..., :-1]], -1)
 
 
-def objective(P: torch.Tensor, M: Moments, kappa: torch.Tensor, kappa_a: torch.Tensor, dt: torch.Tensor, lam: float):
+TINY = np.finfo(np.float64).tiny
+ACC_TOL = 1e-5  # relative speed-up below which the regulariser sees no acceleration
+
+
+def objective(P: np.ndarray, M: dict, kappa: np.ndarray, kappa_a: np.ndarray, dt: np.ndarray, lam: float):
     """(loss (K,), gradient (K, D, m)) of the reduced objective
 
         sum_j kappa_j rms_j(P) + lam * sum_{j>=2} relu(v_j - v_{j-1}),   v_j = kappa_a_j rms(Xa D_j) / dt_j
 
     the L1 + lambda L_grad of the method page with each mean |.| written as kappa x root mean square.
-    The gradient is written out (tests/test_forecaster.py checks it against autograd): the loop runs
-    on (K, 5, 4) tensors, where autograd's bookkeeping would cost more than the arithmetic.
+    M: the Moments' G, P0, mse0, Ga as float64 numpy arrays. The gradient is written out
+    (tests/test_forecaster.py checks it against autograd), in numpy: the loop runs on (K, 5, 4)
+    arrays, where torch's per-operation overhead and autograd's bookkeeping cost more than the arithmetic.
     """
-    tiny = torch.finfo(P.dtype).tiny
-    E = P - M.P0
-    GE = M.G @ E
-    rms = ((GE * E).sum(-2).clamp_min(0) + M.mse0).clamp_min(tiny).sqrt()  # (K, m)
-    grad = GE * (kappa / rms).unsqueeze(-2)
+    E = P - M["P0"]
+    GE = M["G"] @ E
+    rms = np.sqrt(np.maximum(np.maximum((GE * E).sum(-2), 0) + M["mse0"], TINY))  # (K, m)
+    grad = GE * (kappa / rms)[..., None, :]
     loss = (kappa * rms).sum(-1)
     if lam == 0:
         return loss, grad
     D = _steps(P)
-    GD = M.Ga @ D
-    u = (GD * D).sum(-2).clamp_min(tiny).sqrt()  # (K, m)
+    GD = M["Ga"] @ D
+    u = np.sqrt(np.maximum((GD * D).sum(-2), TINY))  # (K, m)
     v = kappa_a * u / dt
     # speeds equal to 1e-5 are not an acceleration: float32 weights on an exactly straight path
     # give speeds that differ by ~1e-7 through rounding alone, and Adam, which normalises the size
     # of its steps, would turn that rounding-level gradient into full steps away from an exact fit
     acc = v[..., 1:] - v[..., :-1]
-    acc = torch.where(acc > ACC_TOL * v.amax(-1, keepdim=True), acc, torch.zeros_like(acc))
+    acc = np.where(acc > ACC_TOL * v.max(-1, keepdims=True), acc, 0.0)
     loss = loss + lam * acc.sum(-1)
-    a = (acc > 0).to(P.dtype)
-    zero = torch.zeros_like(a[..., :1])
-    dv = torch.cat([zero, a], -1) - torch.cat([a, zero], -1)  # d relu-sum / d v_j
-    gD = GD * (lam * dv * kappa_a / (u * dt)).unsqueeze(-2)
-    grad = grad + gD - torch.cat([gD[..., 1:], torch.zeros_like(gD[..., :1])], -1)
+    a = (acc > 0).astype(P.dtype)
+    zero = np.zeros_like(a[..., :1])
+    dv = np.concatenate([zero, a], -1) - np.concatenate([a, zero], -1)  # d relu-sum / d v_j
+    gD = GD * (lam * dv * kappa_a / (u * dt))[..., None, :]
+    grad = grad + gD - np.concatenate([gD[..., 1:], np.zeros_like(gD[..., :1])], -1)
     return loss, grad
 
 
@@ -288,19 +297,19 @@ def cosine_lr(lr: float, it: int, total: int) -> float:
 
 @dataclass
 class AdamState:
-    """torch.optim.Adam's update (betas 0.9, 0.999, eps 1e-8), written out for tensors of any batch."""
+    """torch.optim.Adam's update (betas 0.9, 0.999, eps 1e-8), written out (numpy arrays or tensors)."""
 
-    m1: torch.Tensor
-    m2: torch.Tensor
+    m1: object
+    m2: object
 
     @classmethod
-    def like(cls, P: torch.Tensor) -> "AdamState":
-        return cls(torch.zeros_like(P), torch.zeros_like(P))
+    def like(cls, P) -> "AdamState":
+        return cls(P * 0, P * 0)
 
-    def step(self, P: torch.Tensor, g: torch.Tensor, lr: float, it: int, b1=0.9, b2=0.999, eps=1e-8) -> torch.Tensor:
-        self.m1.mul_(b1).add_(g, alpha=1 - b1)
-        self.m2.mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (self.m2 / (1 - b2 ** (it + 1))).sqrt_().add_(eps)
+    def step(self, P, g, lr: float, it: int, b1=0.9, b2=0.999, eps=1e-8):
+        self.m1 = b1 * self.m1 + (1 - b1) * g
+        self.m2 = b2 * self.m2 + (1 - b2) * (g * g)
+        denom = (self.m2 / (1 - b2 ** (it + 1))) ** 0.5 + eps
         return P - (lr / (1 - b1 ** (it + 1))) * self.m1 / denom
 
 
@@ -311,40 +320,45 @@ REFRESH = 2
 
 def solve(M: Moments, ratios: torch.Tensor, config: FitConfig) -> Fitted:
     """Refine every chunk's least-squares start on the reduced objective with Adam (cosine-decayed
-    rate, torch.optim.Adam's update written out), keeping each chunk's best iterate."""
-    P = M.P0.clone()
-    dtype, dev = P.dtype, P.device
-    t = torch.cat([torch.ones(1, dtype=dtype, device=dev), ratios.to(dtype)])  # ratio 1 is w_c
+    rate, torch.optim.Adam's update written out), keeping each chunk's best iterate.
+
+    Runs in float64 numpy on the CPU whatever device reduced the rows: the moments are a few
+    numbers per chunk, so they move once and the loop pays no per-operation device overhead.
+    """
+    cpu = {k: getattr(M, k).detach().to("cpu", torch.float64).numpy() for k in ("G", "P0", "mse0", "Ga")}
+    P = cpu["P0"].copy()
+    t = np.concatenate([[1.0], np.asarray(ratios.cpu(), dtype=np.float64)])  # ratio 1 is w_c
     dt = t[1:] - t[:-1]
 
     def kappas(P):
-        return _kappa(M.X @ P - M.Y, M.mask), _kappa(M.Xa @ _steps(P), M.app_mask)
+        Pt = torch.from_numpy(P).to(M.X.device, M.X.dtype)
+        return _kappa(M.X @ Pt - M.Y, M.mask), _kappa(M.Xa @ _steps(Pt), M.app_mask)
 
     kappa, kappa_a = kappas(P)
-    best, best_loss = P.clone(), torch.full(P.shape[:1], float("inf"), dtype=dtype, device=dev)
+    best, best_loss = P.copy(), np.full(P.shape[:1], np.inf)
     adam, T = AdamState.like(P), config.iters
     every = T // (REFRESH + 1) if T > REFRESH else 0
     for it in range(T + 1):
         if every and 0 < it < T and it % every == 0:
             # the residuals' shape moved with P: measure it again. The reduced objective is only
             # faithful near where kappa was measured, so the best iterate is chosen among those
-            # since (keeping earlier ones, least squares included, was worse on 5 of 18 rows of
-            # bench/forecast_quality.py by up to 0.17 and better on none by more than 0.02)
+            # since (keeping earlier ones, least squares included, measured the same or up to
+            # 0.014 worse on the rows of bench/forecast_quality.py)
             kappa, kappa_a = kappas(P)
-            best_loss.fill_(float("inf"))
-        loss, g = objective(P, M, kappa, kappa_a, dt, config.lam)
+            best_loss[:] = np.inf
+        loss, g = objective(P, cpu, kappa, kappa_a, dt, config.lam)
         better = loss < best_loss
         best[better], best_loss[better] = P[better], loss[better]
         if it == T:
             break
         P = adam.step(P, g, cosine_lr(config.lr, it, T), it)
-    sc = M.scale
+    sc = M.scale.detach().to("cpu", torch.float64)
     s_rel, s_wc, s_y = sc[..., :-2], sc[..., -2:-1], sc[..., -1:]
-    Pw = best * s_y.unsqueeze(-2)  # residual per unit feature, in weight units
+    Pw = torch.from_numpy(best) * s_y.unsqueeze(-2)  # residual per unit feature, in weight units
     c_rel = Pw[..., :-2, :] / s_rel.unsqueeze(-1)  # (K, F-1, m) coefficients on (f_k - w_c)
     c_wc = Pw[..., -2:-1, :] / s_wc.unsqueeze(-1)  # (K, 1, m)
     A = torch.cat([c_rel, 1.0 - c_rel.sum(-2, keepdim=True) + c_wc], -2)  # (K, F, m)
-    return Fitted(A, Pw[..., -1, :], best_loss)
+    return Fitted(A, Pw[..., -1, :], torch.from_numpy(best_loss))
 
 
 def fit_values(W: torch.Tensor, mask: torch.Tensor, coefs, ratios: torch.Tensor, config: FitConfig) -> Fitted:
