@@ -9,7 +9,8 @@ of the run, ratio 2, records every 1/5 of that, guard on a few held training bat
 The target loss is the held-out loss plain training reaches at its last step (evaluated every
 1/60 of the run on held-out data). Printed per run and jump variant: real optimizer steps and
 wall time (training + fitting + jumping, not the benchmark's own evaluations) to first reach it,
-and plain / jumped. Variants: the optimizer policy at a jump (keep, reset_first, reset_all) and
+and plain / jumped; and the cost of one jump (fit + forecast + guard, seconds per jump) against
+the time of 5 plain training steps (issue 13's goal: <= 1). Variants: the optimizer policy at a jump (keep, reset_first, reset_all) and
 forecasting or skipping normalisation and embedding parameters.
 
     python bench/steps_saved.py [--quick]
@@ -152,19 +153,23 @@ def main() -> None:
     for name, (steps, train) in runs.items():
         print(f"\n== {name}: {steps} steps, a jump every {steps // 12} steps")
         print(f"{'variant':<26} {'steps':>6} {'ratio':>6} {'seconds':>8} {'ratio':>6} {'final loss':>10} "
-              f"{'jumps':>7} {'jump s':>7}  accepted jumps (step -> target, fraction)")
-        goal = plain = None
+              f"{'jumps':>7} {'jump s':>7} {'s/jump':>7} {'/5 steps':>8}  accepted jumps (step -> target, fraction)")
+        goal = plain = step_s = None
         train(None, max(10, steps // 10))  # warm-up: first-call costs must not count against the plain run
         for vname, cfg in variants(steps // 12).items():
             r = train(cfg, steps)
             if goal is None:
                 goal = r["history"][-1][2]
                 plain = reach(r["history"], goal)
+                step_s = r["history"][-1][1] / r["history"][-1][0]  # one plain training step, seconds
             hit = reach(r["history"], goal)
             j = r["jumps"]
             taken = [(x["step"], x["target"], x["fraction"]) for x in (j["jumps"] if j else []) if x["accepted"]]
             jumps = f"{j['accepted']}/{len(j['jumps'])}" if j else "-"
             js = f"{j['seconds']:.1f}" if j else "-"
+            # the cost of one jump (fit + forecast + guard) against 5 plain training steps (goal <= 1)
+            per = j["seconds"] / len(j["jumps"]) if j and j["jumps"] else None
+            js += f" {per:>7.3f} {per / (5 * step_s):>8.2f}" if per else f" {'-':>7} {'-':>8}"
             if hit:
                 sr, tr = plain[0] / hit[0], plain[1] / hit[1]
                 cells = f"{hit[0]:>6} {sr:>6.2f} {hit[1]:>8.1f} {tr:>6.2f}"

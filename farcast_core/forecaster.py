@@ -183,9 +183,8 @@ def reduce_values(W: torch.Tensor, mask: torch.Tensor, coefs) -> Moments:
     delta = (W - W[:, -1:, :]) * w  # (K, R, P)
     # normalisers: mean |f_k - w_c| and mean |w_c| over all cuts and parameters (as for the pairs)
     rel_c = Fc[:, :-1, :] - Fc[:, -1:, :]  # (C, F-1, R): f_k - w_c as row weights
-    s_rel = torch.stack([(rel_c[c] @ delta).abs().sum(-1) for c in range(C)]).sum(0) / (C * n) + 1e-12  # (K, F-1)
-    s_wc = torch.stack([(Fc[c, -1] @ delta + mu[:, 0]).abs().sum(-1) for c in range(C)]).sum(0) / (C * n[:, 0])
-    s_wc = (s_wc + 1e-12).unsqueeze(-1)  # (K, 1)
+    s_rel = (rel_c.reshape(C * (F - 1), R) @ delta).abs().sum(-1).view(K, C, F - 1).sum(1) / (C * n) + 1e-12
+    s_wc = ((Fc[:, -1] @ delta + mu).abs().sum(-1).sum(-1, keepdim=True) / (C * n)) + 1e-12  # (K, 1)
     s_y = s_rel[:, :1]
     D = F + 1
 
@@ -224,11 +223,14 @@ def reduce_values(W: torch.Tensor, mask: torch.Tensor, coefs) -> Moments:
 
 def _every(V: torch.Tensor, sizes: list[int], steps: list[int]) -> torch.Tensor:
     """Columns 0, q, 2q, ... of each V[k] (its first sizes[k] columns, q = steps[k]), zero-padded."""
-    idx = [torch.arange(0, n, q, device=V.device) for n, q in zip(sizes, steps)]
-    out = torch.zeros(*V.shape[:2], max(1, max(len(i) for i in idx)), dtype=V.dtype, device=V.device)
-    for k, i in enumerate(idx):
-        out[k, :, : len(i)] = V[k][:, i]
-    return out
+    counts = [-(-n // q) for n, q in zip(sizes, steps)]
+    width = max(1, max(counts))
+    q = torch.tensor(steps, device=V.device).unsqueeze(-1)
+    idx = torch.arange(width, device=V.device).unsqueeze(0) * q  # (K, width)
+    keep = idx < torch.tensor(sizes, device=V.device).unsqueeze(-1)
+    idx = idx.clamp(max=V.shape[-1] - 1)
+    out = torch.gather(V, 2, idx.unsqueeze(1).expand(V.shape[0], V.shape[1], width))
+    return out * keep.unsqueeze(1).to(V.dtype)
 
 
 ACC_TOL = 1e-5  # relative speed-up below which the regulariser sees no acceleration

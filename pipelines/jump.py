@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from farcast_core.chunks import plan
-from farcast_core.dtypes import dtype_of, nonfinite, to_storage
+from farcast_core.dtypes import dtype_of, nonfinite, to_storage, widen_np
 from farcast_core.errors import ForecastError, ScheduleEndError
 from farcast_core.forecaster import FitConfig
 from farcast_core.schedules import Schedule
@@ -132,6 +133,8 @@ class Jumper:
             self._capacity = max(16, 2 * self._capacity)
             self.store.reserve(self._capacity)
         bad = []
+        layout = self.store.sample_layout  # the fit's sample, kept beside the history as ingest does
+        sampled = np.empty(layout.width) if layout else None
         for name, m in self.store.tensors.items():
             flat = to_storage(params[name].detach().reshape(-1).cpu())
             if nonfinite(flat, m.dtype):
@@ -139,6 +142,11 @@ class Jumper:
             for i in range(m.plan.n_chunks):
                 a, b = m.plan.bounds(i)
                 self.store.write(name, self.rows, a, flat[a:b])
+                if layout:
+                    s0, s1 = layout.spans[(name, i)]
+                    sampled[s0:s1] = widen_np(flat[a:b][layout.index(name, i, b - a)], m.dtype)
+        if layout:
+            self.store.write_sample(self.rows, sampled)
         self.store.commit(self.rows, {"step": int(step), "sources": [], "nonfinite": bad})
         self.rows += 1
 
@@ -152,7 +160,7 @@ class Jumper:
             numel = p.numel()
             metas.append(TensorMeta(name, tuple(p.shape), dtype_of(p.dtype).name, "float", plan(numel, budget).chunk,
                                     array_path(name)))
-        self.store.define_tensors(metas)
+        self.store.define_tensors(metas, sample=(self.config.fit.sample, self.config.fit.seed))
         self._capacity = 0
 
     # ------------------------------------------------------------ jumping
