@@ -113,6 +113,11 @@ def plan_fit(
     if not metas:
         raise ForecastError(f"{store.url}: no float tensor to forecast (excluded for NaN/Inf: {excluded})")
     keys = [(m.name, i) for m in metas for i in range(m.plan.n_chunks)]
+    # largest chunks first, so a batch pads its chunks to a similar size (a LayerNorm's 96 values
+    # in a batch of 4096-value samples would cost as much as one of them); stable, so deterministic
+    size = {(m.name, i): -min(config.sample, m.plan.bounds(i)[1] - m.plan.bounds(i)[0]) for m in metas
+            for i in range(m.plan.n_chunks)}
+    keys.sort(key=size.__getitem__)
     batches = [keys[i : i + config.batch_chunks] for i in range(0, len(keys), config.batch_chunks)]
     return FitPlan(float(rho), n_rows, list(steps), axis, [float(t) for t in times], pairs_plan, excluded,
                    {m.name: m.chunk for m in metas}, batches)
