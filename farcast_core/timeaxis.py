@@ -129,12 +129,35 @@ def stated_schedule(d: dict) -> Schedule:
     return s
 
 
-def choose(requested: str, stated: dict | None, facts: dict | None) -> TimeAxis:
-    """The axis to use: ``requested`` is auto, steps or lr; auto takes lr whenever the schedule is known."""
+def facts_key(facts: dict | None) -> str:
+    """A digest of schedule facts: a reading of them (``reading``) holds only for the same facts."""
+    import hashlib
+    import json
+
+    return hashlib.sha1(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def reading(facts: dict | None) -> dict:
+    """``from_facts`` as JSON, with the digest of the facts it read: ingest records it in the store,
+    so that every fit, backtest and emit does not infer the schedule again (thousands of candidate
+    warm-ups: a fifth of a small run's fit)."""
+    schedule, source, why = from_facts(facts)
+    return {"facts": facts_key(facts), "schedule": schedule.to_json() if schedule else None,
+            "source": source, "why": why}
+
+
+def choose(requested: str, stated: dict | None, facts: dict | None, recorded: dict | None = None) -> TimeAxis:
+    """The axis to use: ``requested`` is auto, steps or lr; auto takes lr whenever the schedule is known.
+
+    ``recorded``: a ``reading`` of the facts made earlier, used when it read these same facts.
+    """
     if requested not in AXES:
         raise ForecastError(f"--axis must be one of {', '.join(AXES)}, got {requested!r}")
     if stated:
         schedule, source, why = stated_schedule(stated), "the stated schedule", ""
+    elif recorded and recorded.get("facts") == facts_key(facts):
+        schedule = Schedule.from_json(recorded["schedule"]) if recorded["schedule"] else None
+        source, why = recorded["source"], recorded["why"]
     else:
         schedule, source, why = from_facts(facts)
     if requested == "steps":

@@ -31,7 +31,7 @@ from storage.writers import check_writable_dir
 
 def time_axis(store: RunStore, config: FitConfig) -> TimeAxis:
     """The time axis for this run: config.axis, with the schedule stated or recorded at ingest."""
-    axis = timeaxis.choose(config.axis, config.schedule, store.schedule)
+    axis = timeaxis.choose(config.axis, config.schedule, store.schedule, store.schedule_reading)
     why = standstill(axis, store.steps)
     if why:
         if config.axis == "lr":

@@ -142,8 +142,21 @@ def _ingest_locked(found: Discovery, store: RunStore, config: IngestConfig, on_s
             row += 1
             if on_step:
                 on_step(c.step, i + 1, len(new))
+    _record_reading(store)
     store.sweep()  # the temporary-file directory the writes used
     return report
+
+
+def _record_reading(store: RunStore) -> None:
+    """Infer the schedule from the newest facts once, here, for every fit, backtest and emit to reuse."""
+    facts = store.schedule  # as the last commit wrote it
+    if facts is None:
+        return
+    from farcast_core import timeaxis
+
+    recorded = store.schedule_reading
+    if not recorded or recorded.get("facts") != timeaxis.facts_key(facts):
+        store.set_schedule_reading(timeaxis.reading(facts))
 
 
 def _check_unchanged(store: RunStore, found: Discovery) -> None:
@@ -169,6 +182,7 @@ def _reread_schedule(store: RunStore, found: Discovery, config: IngestConfig) ->
     facts = newest and read_schedule_facts(newest, config.allow_pickle)
     if facts:
         store.set_schedule(facts)
+        _record_reading(store)
 
 
 def _refuse_store_inside(store_url, root: Path) -> None:

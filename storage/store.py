@@ -240,6 +240,15 @@ class RunStore:
                 attrs["sample"] = self._sample_meta
         self.group.update_attributes(attrs)
 
+    @property
+    def schedule_reading(self) -> dict | None:
+        """What farcast inferred from ``schedule`` when it was recorded (farcast_core.timeaxis.reading)."""
+        return self.group.attrs.get("schedule_reading")
+
+    def set_schedule_reading(self, reading: dict) -> None:
+        """Record the schedule inferred from the newest facts (a cache: keyed by the facts' digest)."""
+        self.group.update_attributes(self._fresh_attrs() | {"schedule_reading": reading})
+
     def set_schedule(self, schedule: dict) -> None:
         """Record schedule facts of the newest committed step that could not be read at its commit."""
         self.group.update_attributes(self._fresh_attrs() | {"schedule": schedule})

@@ -124,6 +124,20 @@ def test_schedule_inferred_from_a_real_trainer_state(cosine_run, tmp_path):
     for k, lr in logged:
         assert s.lr([k - 1])[0] == pytest.approx(lr, rel=1e-9)
 
+    # ingest recorded that reading of the facts: a fit reuses it rather than inferring again, and
+    # facts that differ from the ones it read are inferred afresh
+    import farcast_core.timeaxis as ta
+
+    assert store.schedule_reading["facts"] == ta.facts_key(store.schedule)
+    real, calls = ta.from_facts, []
+    ta.from_facts = lambda f: calls.append(f) or real(f)
+    try:
+        assert time_axis(store, FitConfig()).schedule == s and not calls
+        changed = {k: v for k, v in store.schedule.items() if k != "base_lrs"}
+        assert ta.choose("auto", None, changed, store.schedule_reading).schedule == s and len(calls) == 1
+    finally:
+        ta.from_facts = real
+
     # without scheduler.pt (save_only_model) the logs alone still pin it down
     facts = dict(store.schedule)
     for key in ("base_lrs", "last_lr", "last_epoch"):
