@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -172,6 +172,10 @@ def fit_store(
     """Fit forecasters for ratio ``rho`` (on ``axis``) on the first ``n_rows`` committed steps of ``store``."""
     plan = plan_fit(store, n_rows, rho, config, axis)
     device = device or default_device()
+    per = device_batch(device, len(plan.pairs.rows), config.sample, config.batch_chunks)
+    if per != config.batch_chunks:
+        keys = [k for batch in plan.batches for k in batch]
+        plan = replace(plan, batches=[keys[i : i + per] for i in range(0, len(keys), per)])
     sampled = read_sampled(store, plan, config)
     parts = []
     for n, keys in enumerate(plan.batches):  # read and reduce batch by batch; then refine all chunks at once
@@ -179,6 +183,20 @@ def fit_store(
         if progress:
             progress(n + 1, len(plan.batches))
     return finish(plan, config, parts, device)
+
+
+# A chunk's reduction holds about this many float32 copies of its (rows x sample) values at once
+# (the values, delta, V, the normaliser products, their absolute values, the kappa subsets).
+COPIES_PER_CHUNK = 16
+
+
+def device_batch(device: torch.device, rows: int, sample: int, default: int) -> int:
+    """Chunks per reduction batch: ``default`` on the CPU; on a GPU as many as a quarter of its free
+    memory holds (the rows move to the device once per batch, so fewer, larger batches pay there)."""
+    if device.type != "cuda":
+        return default
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(default, int(free // 4 // (rows * sample * 4 * COPIES_PER_CHUNK)))
 
 
 def finish(plan: FitPlan, config: FitConfig, parts: list[Moments], device: torch.device | None = None) -> Forecasters:

@@ -158,3 +158,18 @@ def test_the_sample_ingest_keeps_is_what_the_fit_would_read_from_the_chunks(tmp_
     monkeypatch.setattr(F, "read_sampled", lambda *a, **k: None)
     from_chunks = fit_store(store, 7, 2.0, cfg)
     assert torch.equal(from_sample.A, from_chunks.A) and torch.equal(from_sample.b, from_chunks.b)
+
+
+def test_gpu_batches_are_sized_from_free_memory(monkeypatch):
+    """On a GPU the reduction batch grows to a quarter of the free memory; on the CPU it is the config's."""
+    import types
+
+    import pipelines.fit as F
+
+    assert F.device_batch(torch.device("cpu"), 13, 4096, 32) == 32
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 80 * 2**30))
+    gpu = types.SimpleNamespace(type="cuda")
+    per_chunk = 13 * 4096 * 4 * F.COPIES_PER_CHUNK
+    assert F.device_batch(gpu, 13, 4096, 32) == 2 * 2**30 // per_chunk > 32
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 80 * 2**30))
+    assert F.device_batch(gpu, 13, 4096, 32) == 32  # never below the configured batch
