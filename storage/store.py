@@ -96,7 +96,16 @@ class RunStore:
         self._arrays: dict[str, zarr.Array] = {}
         self._tensors: dict[str, TensorMeta] | None = None
         self._sample: SampleLayout | None = None
+        self._root_path: Path | None = None
         self._sample_meta: dict | None = None  # defined, committed with the first step
+
+    @property
+    def _root(self) -> Path:
+        """The local store's directory, resolved once (Path.resolve costs a system call per part, and
+        the chunk I/O asks for it on every read and write)."""
+        if self._root_path is None:
+            self._root_path = _local_path(self.url)
+        return self._root_path
 
     # ------------------------------------------------------------ opening
 
@@ -264,7 +273,7 @@ class RunStore:
         """
         if not _is_local(self.url):
             return 0
-        root, n = _local_path(self.url), 0
+        root, n = self._root, 0
         tmp = root / TMP_DIR
         if tmp.is_dir():
             n += sum(1 for _ in tmp.iterdir())
@@ -331,7 +340,7 @@ class RunStore:
         if values.size < m.chunk:  # zarr keeps edge chunks full size, padded with the fill value
             values = np.concatenate([values, np.zeros(m.chunk - values.size, dtype=values.dtype)])
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = _local_path(self.url) / TMP_DIR
+        tmp_dir = self._root / TMP_DIR
         tmp_dir.mkdir(exist_ok=True)
         tmp = tmp_dir / f"{os.getpid()}.{threading.get_ident()}.partial"
         try:
@@ -358,7 +367,7 @@ class RunStore:
         )
         if not plain:
             return None
-        return _local_path(self.url) / m.path / "c" / str(row) / str(start // m.chunk)
+        return self._root / m.path / "c" / str(row) / str(start // m.chunk)
 
     def read(
         self, name: str, rows: list[int] | slice, start: int = 0, stop: int | None = None, cols: np.ndarray | None = None
@@ -391,7 +400,7 @@ class RunStore:
         to zarr's reads by tests/test_store.py). A chunk never written holds the fill value 0."""
         m = self.tensors[name]
         out = np.zeros(stop - start, dtype=dtype)
-        base = _local_path(self.url) / m.path / "c" / str(row)
+        base = self._root / m.path / "c" / str(row)
         dt = np.dtype(dtype).newbyteorder("<")
         for c in range(start // m.chunk, -(-stop // m.chunk)):
             lo, hi = max(start, c * m.chunk), min(stop, (c + 1) * m.chunk)
