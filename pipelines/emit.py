@@ -27,7 +27,6 @@ from farcast_core.calibration import feature_interps
 from farcast_core.dtypes import DTYPES, from_storage, nonfinite, to_storage, widen
 from farcast_core.errors import ConfigError, ForecastError, StoreError
 from farcast_core.forecaster import FitConfig, Forecasters
-from farcast_core.series import at
 from pipelines.backtest import backtest
 from farcast_core.schedules import multiplier
 from pipelines.fit import excluded_tensors, fit_store, resolve_target, time_axis
@@ -248,10 +247,9 @@ class Forecast:
         # float32 arithmetic is exact enough for float32-and-narrower weights and twice as fast
         dt = torch.float64 if m.dtype == "float64" else torch.float32
         v = widen(self.store.read(m.name, self.rows, lo, hi), m.dtype).to(dt)
-        A, b = self.fc.A[k, :, -1].tolist(), self.fc.b[k, -1].item()
-        y = torch.full((hi - lo,), b, dtype=dt)
-        for a, it in zip(A, self.app):
-            y.add_(at(v, self.rows, it), alpha=a)
+        # y = b + sum_f A_f * feature_f, each feature a weighted sum of stored rows: fold the weights
+        # into one coefficient per row (in float64) and make y in one pass over the rows (a gemv)
+        y = torch.from_numpy(self.row_weights(k)).to(dt) @ v + self.fc.b[k, -1].item()
         y = y.to(DTYPES[m.dtype].torch)
         if not torch.isfinite(y.to(torch.float64) if y.dtype.itemsize == 1 else y).all():
             raise ForecastError(
@@ -259,6 +257,17 @@ class Forecast:
                 "Ask for a nearer target, or check this tensor's history"
             )
         return to_storage(y)
+
+    def row_weights(self, k: int) -> np.ndarray:
+        """The forecast of chunk row k as weights on ``self.rows``: sum over features of A_f x the
+        feature's interpolation weights (float64)."""
+        A = self.fc.A[k, :, -1].to(torch.float64).numpy()
+        pos = {r: i for i, r in enumerate(self.rows)}
+        c = np.zeros(len(self.rows))
+        for a, it in zip(A, self.app):
+            c[pos[it.lo]] += a * (1.0 - it.w)
+            c[pos[it.hi]] += a * it.w
+        return c
 
     def chunks(self, m: TensorMeta) -> Iterator[np.ndarray]:
         return (self.chunk(m, i) for i in range(m.plan.n_chunks))

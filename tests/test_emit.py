@@ -285,3 +285,34 @@ def test_run_command_json_and_errors(tmp_path, monkeypatch):
 
 def test_errors_are_farcast_errors():
     assert issubclass(ForecastError, FarcastError) and issubclass(StoreError, FarcastError)
+
+
+def test_the_emitted_weights_are_the_forecasters_applied_to_the_newest_features(digits_store, tmp_path):
+    """emit folds each chunk's forecaster into one weight per stored row (one pass over the rows);
+    what it writes must be the forecaster applied to the features, in float64, up to float32 rounding."""
+    from safetensors.torch import load_file
+
+    from farcast_core.calibration import feature_interps
+    from farcast_core.forecaster import FitConfig, apply
+    from pipelines.fit import fit_store, resolve_target, time_axis
+    from storage.store import RunStore
+
+    store = RunStore.open(digits_store)
+    axis = time_axis(store, FitConfig())
+    rho, target = resolve_target(store.steps, None, 1.5, axis)
+    fc = fit_store(store, len(store.steps), rho, FitConfig(), axis=axis)
+    r = emit(digits_store, tmp_path / "out", ratio=1.5, config=ANY, forecasters=fc,
+             report={"methods": {"farcast": {"mae": 0.0}, "persistence": {"mae": 1.0}},
+                     "farcast_vs_persistence": 0.0, "backtest_from": 0})
+    out = load_file(r.path)
+    app = feature_interps(fc.times, fc.feature_ratios)
+    rows = sorted({x for it in app for x in (it.lo, it.hi)})
+    for k, (name, i) in enumerate(fc.keys):
+        m = store.tensors[name]
+        lo, hi = m.plan.bounds(i)
+        v = torch.from_numpy(store.read(name, rows, lo, hi)).to(torch.float64)
+        feats = torch.stack([(1 - it.w) * v[rows.index(it.lo)] + it.w * v[rows.index(it.hi)] for it in app], -1)
+        want = apply(fc.A[k], fc.b[k], feats)[:, -1]
+        got = out[name].reshape(-1)[lo:hi].to(torch.float64)
+        moved = (v[-1] - v[0]).abs().max() + 1e-12
+        assert (got - want).abs().max() <= 1e-5 * (want.abs().max() + moved), name
