@@ -41,17 +41,10 @@ class PairPlan:
     def coefficients(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every value the plan uses as a weighted sum of its ``rows``: (features (C, F, R),
         targets (C, m, R), newest features (F, R)), C cuts, R = len(rows)."""
-        pos = {r: i for i, r in enumerate(self.rows)}
-
-        def row(it: Interp) -> np.ndarray:
-            a = np.zeros(len(pos))
-            a[pos[it.lo]] += 1.0 - it.w
-            a[pos[it.hi]] += it.w
-            return a
-
-        return (np.array([[row(it) for it in f] for f in self.features]),
-                np.array([[row(it) for it in g] for g in self.targets]),
-                np.array([row(it) for it in self.app_features]))
+        rows = self.rows
+        return (np.array([interp_weights(f, rows) for f in self.features]),
+                np.array([interp_weights(g, rows) for g in self.targets]),
+                interp_weights(self.app_features, rows))
 
     @property
     def rows(self) -> list[int]:
@@ -61,6 +54,16 @@ class PairPlan:
             for it in group:
                 out.update((it.lo, it.hi))
         return sorted(out)
+
+
+def interp_weights(interps: Sequence[Interp], rows: Sequence[int]) -> np.ndarray:
+    """(len(interps), len(rows)): each Interp's value as weights on the stored ``rows`` it reads."""
+    pos = {r: i for i, r in enumerate(rows)}
+    out = np.zeros((len(interps), len(pos)))
+    for k, it in enumerate(interps):
+        out[k, pos[it.lo]] += 1.0 - it.w
+        out[k, pos[it.hi]] += it.w
+    return out
 
 
 def interp_at(times: np.ndarray, t: float) -> Interp:

@@ -105,12 +105,6 @@ class Fitted:
     loss: torch.Tensor = field(default=None)  # (K,) final objective in normalised units
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over dim -2 of (K, N, C) where mask (K, N) is true -> (K, C)."""
-    w = mask.to(x.dtype).unsqueeze(-1)
-    return (x * w).sum(-2) / w.sum(-2).clamp_min(1)
-
-
 # Rows of each chunk kept after the reduction, to re-measure the shape of the residuals (kappa)
 # during the refinement; the second moments themselves use every row.
 KAPPA_ROWS = 2048
@@ -124,12 +118,12 @@ class Moments:
     the calibration error of coefficients P is exactly (P - P0)' G (P - P0) + mse0 per horizon, and
     the forecast's mean squared step over the sampled parameters is D' Ga D: every iteration costs
     O(chunks), not O(rows). Mean absolute values are kappa times root mean squares, kappa measured
-    on a subset of the rows (``rows``/``app``) at the start and re-measured during the refinement.
+    on a subset of the rows (``X``, ``Y``, ``Xa``) at the start and re-measured during the refinement.
     """
 
     G: torch.Tensor  # (K, D, D) mean x x' over calibration rows
     P0: torch.Tensor  # (K, D, m) least-squares coefficients
-    mse0: torch.Tensor  # (K, m) mean squared residual of P0, from the rows (no cancellation)
+    mse0: torch.Tensor  # (K, m) mean squared residual of P0 (from the moments, clamped at 0)
     Ga: torch.Tensor  # (K, D, D) mean x x' over the sampled parameters at the newest step
     scale: torch.Tensor  # (K, F+1): s_rel (F-1), s_wc, s_y, to map P back to (A, b)
     X: torch.Tensor  # (K, r, D) a subset of the calibration rows, Y (K, r, m) their targets
@@ -231,9 +225,6 @@ def _every(V: torch.Tensor, sizes: list[int], steps: list[int]) -> torch.Tensor:
     idx = idx.clamp(max=V.shape[-1] - 1)
     out = torch.gather(V, 2, idx.unsqueeze(1).expand(V.shape[0], V.shape[1], width))
     return out * keep.unsqueeze(1).to(V.dtype)
-
-
-ACC_TOL = 1e-5  # relative speed-up below which the regulariser sees no acceleration
 
 
 def _kappa(z: torch.Tensor, mask: torch.Tensor) -> np.ndarray:

@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from farcast_core.dtypes import widen_np
+
 SAMPLE = 4096  # parameters sampled per chunk by default (FitConfig.sample)
 SEED = 0  # the default sample seed (FitConfig.seed)
+
 
 def chunk_seed(seed: int, name: str, chunk: int) -> int:
     """A sample seed per chunk that depends on the tensor name, not on processing order."""
@@ -58,6 +61,12 @@ class SampleLayout:
         if key not in self._index:
             self._index[key] = sample_index(n, self.size, chunk_seed(self.seed, name, i))
         return self._index[key]
+
+    def take(self, out: np.ndarray, name: str, i: int, values: np.ndarray, dtype: str) -> None:
+        """Put chunk (name, i)'s sampled values, from its stored ``values``, into its columns of ``out``
+        (one row of the sample array), widened to float (``dtype``: the tensor's)."""
+        s0, s1 = self.spans[(name, i)]
+        out[s0:s1] = widen_np(values[self.index(name, i, len(values))], dtype)
 
     def serves(self, size: int, seed: int) -> bool:
         return size == self.size and seed == self.seed

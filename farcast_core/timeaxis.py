@@ -12,6 +12,8 @@ Lightning, training_args.bin only when pickles were allowed). Pure: no file acce
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -131,9 +133,6 @@ def stated_schedule(d: dict) -> Schedule:
 
 def facts_key(facts: dict | None) -> str:
     """A digest of schedule facts: a reading of them (``reading``) holds only for the same facts."""
-    import hashlib
-    import json
-
     return hashlib.sha1(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
 

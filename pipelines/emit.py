@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from farcast_core.calibration import feature_interps
+from farcast_core.calibration import feature_interps, interp_weights
 from farcast_core.dtypes import DTYPES, from_storage, nonfinite, to_storage, widen
 from farcast_core.errors import ConfigError, ForecastError, StoreError
 from farcast_core.forecaster import FitConfig, Forecasters
@@ -259,15 +259,9 @@ class Forecast:
         return to_storage(y)
 
     def row_weights(self, k: int) -> np.ndarray:
-        """The forecast of chunk row k as weights on ``self.rows``: sum over features of A_f x the
-        feature's interpolation weights (float64)."""
-        A = self.fc.A[k, :, -1].to(torch.float64).numpy()
-        pos = {r: i for i, r in enumerate(self.rows)}
-        c = np.zeros(len(self.rows))
-        for a, it in zip(A, self.app):
-            c[pos[it.lo]] += a * (1.0 - it.w)
-            c[pos[it.hi]] += a * it.w
-        return c
+        """The forecast of chunk row k as weights on ``self.rows``: A_f times each feature's
+        interpolation weights, summed over features (float64)."""
+        return self.fc.A[k, :, -1].to(torch.float64).numpy() @ interp_weights(self.app, self.rows)
 
     def chunks(self, m: TensorMeta) -> Iterator[np.ndarray]:
         return (self.chunk(m, i) for i in range(m.plan.n_chunks))

@@ -125,11 +125,11 @@ def plan_fit(
 
 def reduce_keys(
     store: RunStore, plan: FitPlan, keys: list[tuple[str, int]], config: FitConfig, device: torch.device,
-    sampled: np.ndarray | None = None,
+    sampled: tuple[np.ndarray, int] | None = None,
 ) -> Moments:
     """The reduced fitting problems of one batch of chunk keys (the rows are read here, once).
 
-    ``sampled``: the plan's rows of the store's sample array, when the caller read them already.
+    ``sampled``: ``read_sampled``'s result covering these keys, when the caller read it already.
     """
     metas = store.tensors
     if sampled is None:
@@ -207,27 +207,27 @@ def finish(plan: FitPlan, config: FitConfig, parts: list[Moments], device: torch
     return assemble(plan, config, [(fitted.A.cpu().to(torch.float64), fitted.b.cpu().to(torch.float64))])
 
 
-def read_sampled(store: RunStore, plan: FitPlan, config: FitConfig, keys=None) -> np.ndarray | None:
-    """The rows the plan needs of the store's sample array (the columns of ``keys``, default all),
-    or None where the store keeps no sample for this config's sample size and seed."""
+def read_sampled(store: RunStore, plan: FitPlan, config: FitConfig, keys=None) -> tuple[np.ndarray, int] | None:
+    """(the plan's rows x the span of sample-array columns that ``keys`` use (default all), the
+    span's first column), or None where the store keeps no sample for this config's size and seed."""
     layout = store.sample_layout
     if layout is None or not layout.serves(config.sample, config.seed):
         return None
     if keys is None:
-        return store.read_sample(plan.pairs.rows)
+        return store.read_sample(plan.pairs.rows), 0
     spans = [layout.spans[k] for k in keys]
     lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
-    out = np.zeros((len(plan.pairs.rows), layout.width), dtype=np.float64)
-    out[:, lo:hi] = store.read_sample(plan.pairs.rows, lo, hi)
-    return out
+    return store.read_sample(plan.pairs.rows, lo, hi), lo
 
 
-def _chunk_values(store: RunStore, plan: PairPlan, m, i: int, config: FitConfig, sampled: np.ndarray | None = None):
+def _chunk_values(store: RunStore, plan: PairPlan, m, i: int, config: FitConfig,
+                  sampled: tuple[np.ndarray, int] | None = None):
     """Chunk i of tensor m's sampled parameters at the plan's rows, (R, l) float64: from the sample
-    array, else from the chunk itself."""
+    array (``read_sampled``'s columns), else from the chunk itself."""
     if sampled is not None:
+        values, start = sampled
         a, b = store.sample_layout.spans[(m.name, i)]
-        return torch.from_numpy(np.ascontiguousarray(sampled[:, a:b], dtype=np.float64))
+        return torch.from_numpy(np.ascontiguousarray(values[:, a - start : b - start], dtype=np.float64))
     a, b = m.plan.bounds(i)
     idx = sample_index(b - a, config.sample, chunk_seed(config.seed, m.name, i))
     return widen(store.read(m.name, plan.rows, cols=a + idx), m.dtype).to(torch.float64)

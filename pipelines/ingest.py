@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from farcast_core.chunks import plan
 import numpy as np
 
-from farcast_core.dtypes import DTYPES, nonfinite, widen_np
+from farcast_core import timeaxis
+from farcast_core.chunks import plan
+from farcast_core.dtypes import DTYPES, nonfinite
 from farcast_core.errors import CheckpointError, ConfigError, SequenceMismatchError, StoreError
 from farcast_core.sampling import SAMPLE, SEED
 from storage.checkpoints import (
@@ -152,8 +153,6 @@ def _record_reading(store: RunStore) -> None:
     facts = store.schedule  # as the last commit wrote it
     if facts is None:
         return
-    from farcast_core import timeaxis
-
     recorded = store.schedule_reading
     if not recorded or recorded.get("facts") != timeaxis.facts_key(facts):
         store.set_schedule_reading(timeaxis.reading(facts))
@@ -247,8 +246,7 @@ def _write_step(c: Checkpoint, row: int, store: RunStore, config: IngestConfig, 
             bad = m.kind == "float" and nonfinite(values, m.dtype)
             store.write(m.name, row, a, values)
             if layout and m.kind == "float":
-                s0, s1 = layout.spans[(m.name, i)]
-                sampled[s0:s1] = widen_np(values[layout.index(m.name, i, b - a)], m.dtype)
+                layout.take(sampled, m.name, i, values, m.dtype)
             return m.name, bad, values.nbytes
 
         jobs = [(m, i) for m in metas for i in range(m.plan.n_chunks)]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from farcast_core.chunks import plan
-from farcast_core.dtypes import dtype_of, nonfinite, to_storage, widen_np
+from farcast_core.dtypes import dtype_of, nonfinite, to_storage
 from farcast_core.errors import ForecastError, ScheduleEndError
 from farcast_core.forecaster import FitConfig
 from farcast_core.schedules import Schedule
@@ -143,8 +143,7 @@ class Jumper:
                 a, b = m.plan.bounds(i)
                 self.store.write(name, self.rows, a, flat[a:b])
                 if layout:
-                    s0, s1 = layout.spans[(name, i)]
-                    sampled[s0:s1] = widen_np(flat[a:b][layout.index(name, i, b - a)], m.dtype)
+                    layout.take(sampled, name, i, flat[a:b], m.dtype)
         if layout:
             self.store.write_sample(self.rows, sampled)
         self.store.commit(self.rows, {"step": int(step), "sources": [], "nonfinite": bad})

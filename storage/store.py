@@ -193,8 +193,7 @@ class RunStore:
         self._sample = self._sample_meta = None
         floats = [m for m in metas if m.kind == "float"]
         if sample and floats:
-            layout = SampleLayout.of([(m.name, i, m.plan.bounds(i)[1] - m.plan.bounds(i)[0])
-                                      for m in floats for i in range(m.plan.n_chunks)], *sample)
+            layout = _sample_layout(floats, *sample)
             dtype = "float64" if any(m.dtype == "float64" for m in floats) else "float32"
             self.group.create_array("sample", shape=(0, layout.width), chunks=(1, min(layout.width, SAMPLE_CHUNK)),
                                     dtype=dtype, fill_value=0, compressors=None, overwrite=True)
@@ -293,9 +292,7 @@ class RunStore:
             meta = self.group.attrs.get("sample") if self.group.attrs["steps"] else None
             if meta:
                 floats = [m for m in self.tensors.values() if m.kind == "float"]
-                self._sample = SampleLayout.of([(m.name, i, m.plan.bounds(i)[1] - m.plan.bounds(i)[0])
-                                                for m in floats for i in range(m.plan.n_chunks)],
-                                               meta["size"], meta["seed"])
+                self._sample = _sample_layout(floats, meta["size"], meta["seed"])
         return self._sample
 
     def _sample_array(self) -> zarr.Array | None:
@@ -418,6 +415,12 @@ class RunStore:
         for r in self.step_records[:n_rows]:
             out.update(r.get("nonfinite", []))
         return out
+
+
+def _sample_layout(floats: list[TensorMeta], size: int, seed: int) -> SampleLayout:
+    """Where each chunk of these float tensors keeps its sampled values in the sample array."""
+    return SampleLayout.of([(m.name, i, len(range(*m.plan.bounds(i)))) for m in floats for i in range(m.plan.n_chunks)],
+                           size, seed)
 
 
 def check_store_path(url: str | os.PathLike) -> None:
