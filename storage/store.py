@@ -298,9 +298,7 @@ class RunStore:
     def _sample_array(self) -> zarr.Array | None:
         if self._sample_meta is None and self.sample_layout is None:
             return None
-        if "sample" not in self._arrays:
-            self._arrays["sample"] = self.group["sample"]
-        return self._arrays["sample"]
+        return self._node("sample")
 
     def write_sample(self, row: int, values: np.ndarray) -> None:
         """Row ``row`` of the sample array (every chunk's sampled values of one step)."""
@@ -313,6 +311,10 @@ class RunStore:
         if any(r >= n or r < 0 for r in rows):
             raise StoreError(f"{self.url}: rows {rows} asked, {n} committed")
         a = self._sample_array()
+        stop = a.shape[1] if stop is None else stop
+        base = self._plain_dir("sample")
+        if base is not None:
+            return np.stack([_read_files(base, a.chunks[1], r, start, stop, a.dtype) for r in rows])
         lo, hi = min(rows), max(rows) + 1
         block = a[lo:hi, start:stop]  # one call: zarr fetches the row chunks concurrently
         return block[[r - lo for r in rows]]
@@ -320,10 +322,29 @@ class RunStore:
     # ------------------------------------------------------------ chunk I/O (safe from workers)
 
     def array(self, name: str) -> zarr.Array:
-        a = self._arrays.get(name)
+        return self._node(self.tensors[name].path)
+
+    def _node(self, path: str) -> zarr.Array:
+        """The array at ``path`` in the store (opened once; keyed by path: a tensor named 'sample' is
+        params/sample, not the sample array)."""
+        a = self._arrays.get(path)
         if a is None:
-            a = self._arrays[name] = self.group[self.tensors[name].path]
+            a = self._arrays[path] = self.group[path]
         return a
+
+    def _plain_dir(self, path: str) -> Path | None:
+        """The directory of the array's chunk files where they are plain little-endian bytes of a local
+        store, which we may read and write ourselves; None where zarr's own I/O is needed."""
+        if not _is_local(self.url):
+            return None
+        meta = self._node(path).metadata
+        plain = (
+            [type(c).__name__ for c in meta.codecs] == ["BytesCodec"]
+            and "big" not in str(getattr(meta.codecs[0], "endian", ""))
+            and getattr(meta.chunk_key_encoding, "separator", None) == "/"
+            and type(meta.chunk_key_encoding).__name__ == "DefaultChunkKeyEncoding"
+        )
+        return self._root / path / "c" if plain else None
 
     def write(self, name: str, row: int, start: int, values: np.ndarray) -> None:
         """Write values [start, start+len) of one row; callers own whole chunks."""
@@ -350,21 +371,11 @@ class RunStore:
 
     def _chunk_file(self, name: str, row: int, start: int, values: np.ndarray) -> Path | None:
         """The chunk file to write directly, or None where zarr's own write path is needed."""
-        if not _is_local(self.url):
-            return None
         m = self.tensors[name]
         if start % m.chunk or values.size > m.chunk:
             return None
-        meta = self.array(name).metadata
-        plain = (
-            [type(c).__name__ for c in meta.codecs] == ["BytesCodec"]
-            and "big" not in str(getattr(meta.codecs[0], "endian", ""))
-            and getattr(meta.chunk_key_encoding, "separator", None) == "/"
-            and type(meta.chunk_key_encoding).__name__ == "DefaultChunkKeyEncoding"
-        )
-        if not plain:
-            return None
-        return self._root / m.path / "c" / str(row) / str(start // m.chunk)
+        base = self._plain_dir(m.path)
+        return None if base is None else base / str(row) / str(start // m.chunk)
 
     def read(
         self, name: str, rows: list[int] | slice, start: int = 0, stop: int | None = None, cols: np.ndarray | None = None
@@ -380,33 +391,11 @@ class RunStore:
             cols = cols - start
         stop = a.shape[1] if stop is None else stop
         out = np.empty((len(idx), stop - start if cols is None else len(cols)), dtype=a.dtype)
-        direct = self._direct(name)
+        m = self.tensors[name]
+        base = self._plain_dir(m.path) if m.numel else None
         for i, r in enumerate(idx):  # plain slicing: zarr's orthogonal selection is ~40x slower here
-            row = self._read_files(name, r, start, stop, a.dtype) if direct else a[r, start:stop]
+            row = _read_files(base, m.chunk, r, start, stop, a.dtype) if base else a[r, start:stop]
             out[i] = row if cols is None else row[cols]
-        return out
-
-    def _direct(self, name: str) -> bool:
-        """Whether this tensor's chunks are plain little-endian files we may read ourselves."""
-        m = self.tensors[name]
-        return self._chunk_file(name, 0, 0, np.empty(0)) is not None and m.numel > 0
-
-    def _read_files(self, name: str, row: int, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
-        """Values [start, stop) of one row straight from the chunk files (what zarr reads, without its
-        per-call overhead of ~1 ms, most of a backtest's or a jump's reading on small models; pinned
-        to zarr's reads by tests/test_store.py). A chunk never written holds the fill value 0."""
-        m = self.tensors[name]
-        out = np.zeros(stop - start, dtype=dtype)
-        base = self._root / m.path / "c" / str(row)
-        dt = np.dtype(dtype).newbyteorder("<")
-        for c in range(start // m.chunk, -(-stop // m.chunk)):
-            lo, hi = max(start, c * m.chunk), min(stop, (c + 1) * m.chunk)
-            try:
-                with open(base / str(c), "rb") as f:
-                    f.seek((lo - c * m.chunk) * dt.itemsize)
-                    out[lo - start : hi - start] = np.fromfile(f, dtype=dt, count=hi - lo)
-            except FileNotFoundError:
-                pass
         return out
 
     def nonfinite(self, n_rows: int | None = None) -> set[str]:
@@ -441,3 +430,22 @@ def _remote_exists(url: str) -> bool:
         return True
     except Exception:
         return False
+
+
+def _read_files(base: Path, chunk: int, row: int, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
+    """Values [start, stop) of one row of an array straight from its chunk files under ``base``
+    (``RunStore._plain_dir``): what zarr reads, without its per-call overhead of ~1 ms, most of a
+    backtest's or a jump's reading on small models (pinned to zarr's reads by tests/test_ingest.py).
+    A chunk never written holds the fill value 0."""
+    out = np.zeros(stop - start, dtype=dtype)
+    base = base / str(row)
+    dt = np.dtype(dtype).newbyteorder("<")
+    for c in range(start // chunk, -(-stop // chunk)):
+        lo, hi = max(start, c * chunk), min(stop, (c + 1) * chunk)
+        try:
+            with open(base / str(c), "rb") as f:
+                f.seek((lo - c * chunk) * dt.itemsize)
+                out[lo - start : hi - start] = np.fromfile(f, dtype=dt, count=hi - lo)
+        except FileNotFoundError:
+            pass
+    return out

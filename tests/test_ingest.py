@@ -241,9 +241,11 @@ def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_reading_chunk_files_directly_equals_zarrs_reads(tmp_path, dtype):
-    """RunStore.read takes local plain chunks from their files (zarr's per-call overhead is ~1 ms);
-    every span, across chunk edges and at the ragged last chunk, must equal what zarr itself reads."""
+def test_reading_chunk_files_directly_equals_zarrs_reads(tmp_path, dtype, monkeypatch):
+    """RunStore.read and read_sample take local plain chunks from their files (zarr's per-call
+    overhead is ~1 ms); every span, across chunk edges and at the ragged last chunk, must equal what
+    zarr itself reads."""
+    monkeypatch.setattr("storage.store.SAMPLE_CHUNK", 1000)  # the sample array in several chunks
     g = torch.Generator().manual_seed(0)
     run = tmp_path / "run"
     run.mkdir()
@@ -252,7 +254,7 @@ def test_reading_chunk_files_directly_equals_zarrs_reads(tmp_path, dtype):
                   run / f"step_{s:03d}.safetensors")
     ingest(run, tmp_path / "store", IngestConfig(memory_budget_mb=1))  # 4 Ki-value chunks: w spans 4
     store = RunStore.open(tmp_path / "store")
-    assert store._direct("w") and store.tensors["w"].plan.n_chunks == 4
+    assert store._plain_dir(store.tensors["w"].path) and store.tensors["w"].plan.n_chunks == 4
     a = store.array("w")
     for start, stop in [(0, None), (10, 20), (4000, 8300), (4096, 8192), (12200, 12365), (0, 1)]:
         got = store.read("w", [2, 0, 1], start, stop)
@@ -261,3 +263,9 @@ def test_reading_chunk_files_directly_equals_zarrs_reads(tmp_path, dtype):
     cols = np.array([3, 4095, 4096, 9000, 12364])
     assert np.array_equal(store.read("w", [1], cols=cols), a[1:2, :][:, cols])
     assert np.array_equal(store.read("b", [0, 1, 2]), a_b := store.array("b")[:]) and a_b.shape == (3, 5)
+    sample = store._sample_array()
+    assert store._plain_dir("sample") and sample.chunks[1] == 1000 < sample.shape[1]
+    for start, stop in [(0, None), (990, 2100), (1000, 2000), (sample.shape[1] - 5, None)]:
+        got = store.read_sample([2, 0], start, stop)
+        want = np.stack([sample[r, start:stop] for r in (2, 0)])
+        assert got.dtype == want.dtype and np.array_equal(got, want), (start, stop)
