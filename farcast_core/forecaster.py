@@ -175,10 +175,18 @@ def reduce_values(W: torch.Tensor, mask: torch.Tensor, coefs) -> Moments:
     n = w.sum(-1).clamp_min(1)  # (K, 1)
     mu = W[:, -1:, :] * w  # the newest row the plan reads: values relative to it are small and exact
     delta = (W - W[:, -1:, :]) * w  # (K, R, P)
-    # normalisers: mean |f_k - w_c| and mean |w_c| over all cuts and parameters (as for the pairs)
+    V = torch.cat([delta, mu, w], 1)  # (K, R+2, P)
+    # a subset of rows for kappa: every q-th parameter of a chunk (q from its own size, so the subset
+    # does not depend on how chunks are batched), in every cut
+    sizes = mask.sum(-1).tolist()
+    Vs, Va = _every(V, sizes, [max(1, -(-C * n // KAPPA_ROWS)) for n in sizes]), _every(
+        V, sizes, [max(1, -(-n // KAPPA_ROWS)) for n in sizes])
+    # normalisers: mean |f_k - w_c| and mean |w_c| over all cuts, on the subset's parameters (they only
+    # set the units of the problem; a pass over every row cost a third of the reduction)
     rel_c = Fc[:, :-1, :] - Fc[:, -1:, :]  # (C, F-1, R): f_k - w_c as row weights
-    s_rel = (rel_c.reshape(C * (F - 1), R) @ delta).abs().sum(-1).view(K, C, F - 1).sum(1) / (C * n) + 1e-12
-    s_wc = ((Fc[:, -1] @ delta + mu).abs().sum(-1).sum(-1, keepdim=True) / (C * n)) + 1e-12  # (K, 1)
+    ns = (Vs[:, -1] > 0).sum(-1, keepdim=True).clamp_min(1)  # (K, 1)
+    s_rel = (rel_c.reshape(C * (F - 1), R) @ Vs[:, :R]).abs().sum(-1).view(K, C, F - 1).sum(1) / (C * ns) + 1e-12
+    s_wc = ((Fc[:, -1] @ Vs[:, :R] + Vs[:, R : R + 1]).abs().sum(-1).sum(-1, keepdim=True) / (C * ns)) + 1e-12
     s_y = s_rel[:, :1]
     D = F + 1
 
@@ -195,7 +203,6 @@ def reduce_values(W: torch.Tensor, mask: torch.Tensor, coefs) -> Moments:
     U = torch.zeros(K, C, m, R + 2, dtype=dt, device=dev)
     U[..., :R] = (Tg - Fc[:, -1:, :]) / s_y.view(K, 1, 1, 1)  # (y - w_c) / s_y
     Z = torch.cat([T, U], 2)  # (K, C, D+m, R+2)
-    V = torch.cat([delta, mu, w], 1)  # (K, R+2, P)
     S = V @ V.transpose(-1, -2) / n.unsqueeze(-1)  # (K, R+2, R+2)
     Mbar = (Z @ S.unsqueeze(1) @ Z.transpose(-1, -2)).mean(1)  # (K, D+m, D+m)
     G, H, YY = Mbar[:, :D, :D], Mbar[:, :D, D:], Mbar[:, D:, D:]
@@ -203,11 +210,6 @@ def reduce_values(W: torch.Tensor, mask: torch.Tensor, coefs) -> Moments:
     mse0 = ((G @ P0) * P0).sum(-2) - 2 * (H * P0).sum(-2) + YY.diagonal(dim1=-2, dim2=-1)
     Ta = design(Ap[:-1] - Ap[-1:], Ap[-1])  # (K, D, R+2)
     Ga = Ta @ S @ Ta.transpose(-1, -2)
-    # a subset of rows for kappa: every q-th parameter of a chunk (q from its own size, so the subset
-    # does not depend on how chunks are batched), in every cut
-    sizes = mask.sum(-1).tolist()
-    Vs, Va = _every(V, sizes, [max(1, -(-C * n // KAPPA_ROWS)) for n in sizes]), _every(
-        V, sizes, [max(1, -(-n // KAPPA_ROWS)) for n in sizes])
     Xs = (T @ Vs.unsqueeze(1)).transpose(-1, -2).reshape(K, -1, D)  # (K, C * Ps, D), cut-major
     Ys = (U @ Vs.unsqueeze(1)).transpose(-1, -2).reshape(K, -1, m)
     ms = (Vs[:, -1] > 0).repeat(1, C)
