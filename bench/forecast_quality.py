@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--save-baseline", action="store_true", help="with --default-only: record this run as the baseline")
     ap.add_argument("--reuse", action="store_true", help="with --default-only: reuse the runs already in --work")
     ap.add_argument("--seeds", default="0", help="with --default-only: sample seeds to average over, e.g. 0,1,2")
-    ap.add_argument("--config", default="", help="with --default-only: FitConfig fields to change, e.g. sample=1024")
+    ap.add_argument("--config", default="", help="with --default-only: FitConfig fields to change, JSON values, separated by semicolons, e.g. 'sample=1024;extra_features=[0.5,0.9]'")
     ap.add_argument("--work", default=str(REPO / "bench" / "out" / "quality"))
     args = ap.parse_args()
     work = Path(args.work)
@@ -179,7 +179,7 @@ def main() -> None:
     }
     if args.default_only:
         seeds = tuple(int(x) for x in args.seeds.split(","))
-        overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.config.split(",") if kv)}
+        overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.config.split(";") if kv)}
         return default_rows(runs, work, args.save_baseline, args.reuse, seeds, FitConfig(**overrides))
     if args.axes_only:
         runs = {n: f for n, f in runs.items() if n in DECAYING}

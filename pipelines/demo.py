@@ -74,12 +74,12 @@ def text_blocks(seq: int = 64, max_bytes: int = 200_000) -> torch.Tensor:
     return data[: len(data) // seq * seq].reshape(-1, seq)
 
 
-def tiny_gpt2(seq: int = 64):
-    """A 2-layer, 64-wide GPT-2 over bytes, built from a config (no download)."""
+def tiny_gpt2(seq: int = 64, width: int = 64, layers: int = 2):
+    """A GPT-2 over bytes (default 2 layers, 64 wide), built from a config (no download)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=seq, n_embd=64, n_layer=2, n_head=4,
+    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=seq, n_embd=width, n_layer=layers, n_head=4,
                                       bos_token_id=0, eos_token_id=0))
 
 

@@ -14,6 +14,7 @@ Three thin adapters: ``hf_callback`` (a transformers TrainerCallback), ``lightni
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import time
@@ -58,6 +59,12 @@ class JumpConfig:
     skip_kinds: tuple[str, ...] = ()  # "norm" and/or "embedding": parameters of such modules are not forecast
     guard: bool = True  # evaluate the loss before and after; reject a jump that makes it worse
     advance: bool = True  # advance the step count and schedule to the target (False: keep counting from here)
+    # with ``advance``, on a LambdaLR schedule (every Hugging Face one): after a jump from step s to t, run the rest
+    # of the schedule as it stood at s, compressed into the steps left, so the annealing is kept whole and training
+    # resumes at s's learning rate (instead of t's lower one); a jump then leaves at least ``anneal`` of the steps
+    # that were left at s
+    retime: bool = False
+    anneal: float = 0.25
     backtrack: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)  # fractions of the jump the guard tries, in order
     # jumps are frequent: a lighter fit than the pipeline's (bench/steps_saved.py measured the same jumps)
     fit: FitConfig = field(default_factory=lambda: FitConfig(sample=1024, iters=50))
@@ -71,6 +78,8 @@ class JumpConfig:
             raise ForecastError(f"the jump ratio must be > 1, got {self.ratio}")
         if self.history not in ("disk", "memory"):
             raise ForecastError(f"history must be 'disk' or 'memory', got {self.history!r}")
+        if not 0 < self.anneal < 1:
+            raise ForecastError(f"anneal is the fraction of the steps left that a jump keeps, in (0, 1); got {self.anneal}")
         unknown = set(self.skip_kinds) - set(KINDS)
         if unknown:
             raise ForecastError(f"skip_kinds takes {', '.join(KINDS)}, got {sorted(unknown)}")
@@ -95,8 +104,8 @@ class Jumper:
     """Records a model's weights and proposes jumps; framework-free (the adapters below drive it)."""
 
     def __init__(self, config: JumpConfig = JumpConfig(), axis: TimeAxis = STEPS, store_dir: str | Path | None = None,
-                 device: torch.device | None = None, total: int | None = None):
-        self.config, self.axis, self.device, self.total = config, axis, device, total
+                 device: torch.device | None = None, total: int | None = None, retimer: "Retimer | None" = None):
+        self.config, self.axis, self.device, self.total, self.retimer = config, axis, device, total, retimer
         self._own_dir = store_dir is None
         if config.history == "memory":  # fsspec's in-memory filesystem: for small models
             self.dir = f"memory://farcast-jump-{uuid.uuid4().hex}"
@@ -194,6 +203,8 @@ class Jumper:
             _, target = resolve_target(steps, None, self.config.ratio, self.axis)
         except ScheduleEndError:
             target = end
+        if self.retimer is not None:  # keep steps to anneal in
+            end = min(end, self.retimer.total - math.ceil(self.config.anneal * (self.retimer.total - steps[-1])))
         if target > end:  # past the end of training: forecast the end (the guard may shorten the jump)
             target = end
         if target <= steps[-1]:
@@ -244,6 +255,8 @@ class Jumper:
             reset_optimizer(optimizer, list(params.values()), self.config.optimizer)
         rec.accepted = True
         if self.config.advance:
+            if self.retimer is not None:
+                self.axis = self.retimer.jump(global_step, target, self.axis)
             self.record(target, params)
         rec.seconds = time.perf_counter() - t
         return target
@@ -307,6 +320,42 @@ def advance_scheduler(scheduler, steps: int) -> None:
         scheduler.step()
 
 
+class Retimer:
+    """Re-times a LambdaLR after each jump (``JumpConfig.retime``): the learning rate at global step g is the
+    original schedule's at position p(g). A jump from s to t maps [t, total] linearly onto [p(s), total]: the
+    rest of the schedule as it stood at s, compressed into the steps left. The jumper's time axis follows:
+    steps before t keep their times (the forecast's target is t's time on the axis it was made with), later
+    ones accumulate the re-timed rates."""
+
+    def __init__(self, scheduler, total: int):
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        if not lambdas or not total:
+            raise ForecastError("retime needs a LambdaLR-based scheduler (every Hugging Face schedule is one) and the "
+                                "run's total steps; use retime=False with this scheduler")
+        self.total, self.knots = total, []  # (t, p(s)) per jump taken
+        originals = list(lambdas)
+        scheduler.lr_lambdas = [lambda g, f=f: f(self.position(g)) for f in originals]
+        self._lambda = scheduler.lr_lambdas[0]
+
+    def position(self, g: int) -> int:
+        """The original schedule's position at global step g (whole steps: a LambdaLR's function may index)."""
+        for t, ps in reversed(self.knots):
+            if g >= t:
+                return round(ps + (g - t) * (self.total - ps) / max(self.total - t, 1))
+        return g
+
+    def jump(self, s: int, t: int, axis: TimeAxis) -> TimeAxis:
+        """Record a jump from s to t; returns the jumper's time axis from here on."""
+        self.knots.append((t, self.position(s)))
+        if axis.name != "lr":
+            return axis
+        old = axis.schedule
+        table = list(old.options["table"])
+        table[t:] = [float(self._lambda(g)) for g in range(t, len(table))]
+        return TimeAxis("lr", Schedule("tabulated", old.peak_lr, 0, old.total, {"table": table}), axis.source,
+                        "re-timed after each jump")
+
+
 def schedule_axis(scheduler, total: int | None, fit: FitConfig) -> TimeAxis:
     """The time axis for a live torch scheduler: its learning rates tabulated up to ``total`` when it is a
     LambdaLR (every Hugging Face schedule), its closed form for the torch built-ins, else steps."""
@@ -341,7 +390,9 @@ class TorchJumper:
     def __init__(self, model, optimizer, scheduler=None, loss_fn=None, config: JumpConfig = JumpConfig(),
                  total_steps: int | None = None, store_dir=None):
         self.model, self.optimizer, self.scheduler, self.loss_fn = model, optimizer, scheduler, loss_fn
-        self.jumper = Jumper(config, schedule_axis(scheduler, total_steps, config.fit), store_dir, total=total_steps)
+        retimer = Retimer(scheduler, total_steps) if config.retime and config.advance else None
+        self.jumper = Jumper(config, schedule_axis(scheduler, total_steps, config.fit), store_dir, total=total_steps,
+                             retimer=retimer)
         self.jumper.record(0, self.jumper.params(model))
 
     def summary(self) -> dict:
@@ -380,8 +431,10 @@ def hf_callback(config: JumpConfig = JumpConfig(), guard_batches: list[dict] | N
             self.jumper: Jumper | None = None
 
         def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, **kw):
-            axis = schedule_axis(_inner(lr_scheduler), state.max_steps, config.fit)
-            self.jumper = Jumper(config, axis, store_dir, total=state.max_steps)
+            sched = _inner(lr_scheduler)
+            retimer = Retimer(sched, state.max_steps) if config.retime and config.advance else None
+            axis = schedule_axis(sched, state.max_steps, config.fit)
+            self.jumper = Jumper(config, axis, store_dir, total=state.max_steps, retimer=retimer)
             self.jumper.record(state.global_step, self.jumper.params(model))
 
         def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
@@ -441,8 +494,9 @@ def lightning_callback(config: JumpConfig = JumpConfig(), loss_fn: Callable | No
             sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
             per_step = bool(trainer.lr_scheduler_configs) and trainer.lr_scheduler_configs[0].interval == "step"
             total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+            retimer = Retimer(sched if per_step else None, total) if config.retime and config.advance else None
             axis = schedule_axis(sched if per_step else None, total, config.fit)
-            self.jumper = Jumper(config, axis, store_dir, total=total)
+            self.jumper = Jumper(config, axis, store_dir, total=total, retimer=retimer)
             self.jumper.record(trainer.global_step, self.jumper.params(pl_module))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -467,5 +521,5 @@ def lightning_callback(config: JumpConfig = JumpConfig(), loss_fn: Callable | No
     return FarcastJumpCallback()
 
 
-__all__ = ["JumpConfig", "Jumper", "TorchJumper", "hf_callback", "lightning_callback", "reset_optimizer",
+__all__ = ["JumpConfig", "Jumper", "Retimer", "TorchJumper", "hf_callback", "lightning_callback", "reset_optimizer",
            "advance_scheduler", "schedule_axis"]

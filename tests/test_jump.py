@@ -70,6 +70,38 @@ def test_torch_jumps_advance_the_step_and_the_schedule(tmp_path):
     assert all(j["target"] in jumper.jumper.store.steps for j in taken)
 
 
+def test_retimed_jumps_resume_at_the_jump_start_rate_and_keep_the_annealing(tmp_path):
+    """retime: after a jump from s to t the rest of the schedule as it stood at s runs compressed into
+    the steps left, so the rate right after the jump is s's (not t's lower one), it still anneals to 0
+    at the end, and each jump leaves at least ``anneal`` of the steps that were left."""
+    total = 320  # digits_loop's total_steps: 4 x its real steps
+    lam = lambda s: max(0.0, 1 - s / total)  # noqa: E731
+    cfg = JumpConfig(**NO_GUARD, retime=True, anneal=0.5)
+    model, opt, sched, jumper, step = digits_loop(
+        cfg, tmp_path, steps=80, scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lam))
+    taken = [j for j in jumper.summary()["jumps"] if j["accepted"]]
+    assert taken
+    first = taken[0]
+    s, t = first["step"], first["target"]
+    assert t > s and t <= total - 0.5 * (total - s)  # the annealing cap
+    rt = jumper.jumper.retimer
+    assert rt.position(t) == s  # the schedule resumes where it stood at the jump
+    assert rt.position(total) == total  # and still ends at its end: rate 0
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * lam(rt.position(step)))
+    assert lam(rt.position(step)) > lam(step)  # higher than the plain advance's rate at this step
+    # the jumper's time axis counts the re-timed rates after the jump, the original ones before it
+    axis = jumper.jumper.axis
+    assert axis.schedule.options["table"][: t] == [lam(g) for g in range(t)]
+    assert axis.schedule.options["table"][t + 1] == pytest.approx(lam(rt.position(t + 1)))
+
+
+def test_retime_needs_a_lambda_schedule():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ForecastError, match="LambdaLR"):
+        TorchJumper(model, opt, torch.optim.lr_scheduler.StepLR(opt, 10), None, JumpConfig(retime=True), total_steps=50)
+
+
 def test_the_guard_rejects_a_worse_forecast_and_restores_the_weights(tmp_path):
     cfg = JumpConfig(every=10, record_every=5, backtrack=(1.0, 0.5))
     j = Jumper(cfg, store_dir=tmp_path)
@@ -121,25 +153,37 @@ def test_skipped_norm_parameters_are_not_forecast(tmp_path):
     assert any(j["accepted"] for j in jumper.summary()["jumps"])
 
 
-def test_hugging_face_callback_jumps_the_trainer(tmp_path):
+@pytest.mark.parametrize("retime", [False, True])
+def test_hugging_face_callback_jumps_the_trainer(tmp_path, retime):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class Count(TrainerCallback):
         real = 0
+        rates = []
 
-        def on_step_end(self, args, state, control, **kw):
+        def on_step_end(self, args, state, control, lr_scheduler=None, **kw):
             Count.real += 1
+            Count.rates.append((state.global_step, lr_scheduler.get_last_lr()[0]))
 
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=60, per_device_train_batch_size=8, learning_rate=5e-3,
                              lr_scheduler_type="linear", report_to=[], use_cpu=True, save_strategy="no",
                              logging_strategy="no", disable_tqdm=True)
-    jump = hf_callback(JumpConfig(**NO_GUARD), store_dir=tmp_path / "history")
+    jump = hf_callback(JumpConfig(**NO_GUARD, retime=retime), store_dir=tmp_path / "history")
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[jump, Count()])
     trainer.train()
     taken = [j for j in jump.summary["jumps"] if j["accepted"]]
     assert taken and jump.summary["axis"]["name"] == "lr"
     assert trainer.state.global_step == 60 and Count.real < 60  # the jumps saved real steps
     assert trainer.lr_scheduler.last_epoch == 60  # the schedule was advanced with the step count
+    # the rate after the first jump: the target's on the linear schedule, or (retime) the jump start's
+    s, t = taken[0]["step"], taken[0]["target"]
+    if not retime:  # here the first jump reaches the schedule's end (ratio 2 of the rate's area is past it)
+        assert t == 60
+        return
+    assert t <= 60 - 0.25 * (60 - s)  # a re-timed jump leaves steps to anneal in
+    g, after = next((g, lr) for g, lr in Count.rates if g > t)
+    # the rest of the schedule as it stood at s, compressed into the steps left: a higher rate than t's
+    assert after == pytest.approx(5e-3 * (1 - round(s + (g - t) * (60 - s) / (60 - t)) / 60)) and after > 5e-3 * (1 - g / 60)
 
 
 def test_lightning_callback_jumps_the_trainer(tmp_path):
