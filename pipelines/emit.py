@@ -421,7 +421,12 @@ def _patch_container(ctx: _Ctx, obj: dict) -> None:
         obj["global_step"] += delta
     if isinstance(obj.get("step"), int):
         obj["step"] += delta
-    schedulers = obj.get("lr_schedulers", []) or []
+    schedulers = list(obj.get("lr_schedulers", []) or [])  # Lightning's
+    if isinstance(obj.get("scheduler"), dict):  # a plain training container's
+        schedulers.append(obj["scheduler"])
+    optimizers = list(obj.get("optimizer_states", []) or [])
+    if isinstance(obj.get("optimizer"), dict) and "param_groups" in obj["optimizer"]:
+        optimizers.append(obj["optimizer"])
     per_step = any(isinstance(s, dict) and s.get("last_epoch") == ctx.newest_step for s in schedulers)
     fit_loop = (obj.get("loops") or {}).get("fit_loop")
     if isinstance(fit_loop, dict):  # Lightning keeps its counters under flat dotted keys
@@ -435,13 +440,11 @@ def _patch_container(ctx: _Ctx, obj: dict) -> None:
     for sched in schedulers:
         _advance_scheduler(sched, ctx.newest_step, ctx.target, ctx.lr_factor)
     if per_step and ctx.lr_factor is not None:  # the first resumed step uses the optimizer's own lr
-        for opt in obj.get("optimizer_states", []) or []:
+        for opt in optimizers:
             _set_lr(opt, ctx.lr_factor)
     if ctx.config.optimizer == "reset":
-        for opt in obj.get("optimizer_states", []) or []:
+        for opt in optimizers:
             opt["state"] = {}
-        if isinstance(obj.get("optimizer"), dict) and "state" in obj["optimizer"]:
-            obj["optimizer"]["state"] = {}
 
 
 def _add_ints(d: dict, delta: int) -> None:

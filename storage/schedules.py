@@ -69,11 +69,19 @@ def _training_args(path: Path, max_steps: int | None) -> dict | None:
 
 
 def _torch_facts(path: Path, allow_pickle: bool) -> dict | None:
+    """Lightning's ``lr_schedulers`` list, or a plain training container's ``scheduler`` state
+    ({"model", "optimizer", "scheduler", "step"})."""
     obj = _load(path, allow_pickle)
-    if not isinstance(obj, dict) or not isinstance(obj.get("lr_schedulers"), list):
+    if not isinstance(obj, dict):
         return None
-    schedulers = [scheduler_state(s) for s in obj["lr_schedulers"] if isinstance(s, dict)]
-    return {"format": "torch", "schedulers": schedulers, "global_step": obj.get("global_step")}
+    states = obj.get("lr_schedulers")
+    if not isinstance(states, list):
+        states = [obj["scheduler"]] if isinstance(obj.get("scheduler"), dict) else None
+    if states is None:
+        return None
+    step = obj.get("global_step", obj.get("step"))
+    return {"format": "torch", "schedulers": [scheduler_state(s) for s in states if isinstance(s, dict)],
+            "global_step": step}
 
 
 def scheduler_state(state: dict) -> dict:

@@ -159,6 +159,51 @@ def test_plain_torch_files_and_bf16(tmp_path):
         assert torch.equal(bits(plain[k]), bits(obj["model"][k]))
 
 
+def test_plain_torch_container_resumes_on_schedule(tmp_path):
+    """A {"model", "optimizer", "scheduler", "step"} .pt emitted at 300 from a run observed to 200: the
+    schedule is read from the scheduler state, and the resumed loop's learning rate at 300 and 301 is
+    the real run's (it stayed at 200's before)."""
+    from pipelines.demo import DigitsMLP, digits_split
+
+    train, _ = digits_split()
+    x, y = torch.stack([t["pixels"] for t in train]), torch.stack([t["labels"] for t in train])
+
+    def loop():
+        torch.manual_seed(0)
+        model = DigitsMLP(16)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return model, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=400)
+
+    model, opt, sched = loop()
+    run = tmp_path / "run"
+    run.mkdir()
+    g = torch.Generator().manual_seed(0)
+    real_lr = {}
+    for step in range(0, 302):
+        real_lr[step] = opt.param_groups[0]["lr"]  # the rate of optimizer step ``step + 1``
+        if step <= 200 and step % 20 == 0:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "step": step}, run / f"ckpt_{step}.pt")
+        idx = torch.randint(0, len(x), (32,), generator=g)
+        model(x[idx], y[idx])["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    ingest(run, tmp_path / "store")
+    r = emit(tmp_path / "store", tmp_path / "forecast", target_step=300, config=ANY)
+    obj = torch.load(r.path, weights_only=True)
+    assert obj["step"] == 300 and obj["scheduler"]["last_epoch"] == 300
+    model, opt, sched = loop()
+    model.load_state_dict(obj["model"])
+    opt.load_state_dict(obj["optimizer"])
+    sched.load_state_dict(obj["scheduler"])
+    assert opt.param_groups[0]["lr"] == pytest.approx(real_lr[300], rel=1e-9)
+    model(x[:32], y[:32])["loss"].backward()
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(real_lr[301], rel=1e-9)
+
+
 def test_accelerate_save_state_resumes(tmp_path):
     from accelerate import Accelerator
 
