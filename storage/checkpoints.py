@@ -142,11 +142,6 @@ def discover(root: str | os.PathLike) -> Discovery:
         raise CheckpointError(f"{root}: no such directory; point farcast at the directory your trainer saves into")
     if not root.is_dir():
         raise CheckpointError(f"{root}: is a file; point farcast at the directory that holds the checkpoints")
-    if _dir_weights(root) is not None:
-        raise CheckpointError(
-            f"{root}: is a single checkpoint; point farcast at the directory that holds the sequence "
-            f"({root.parent})"
-        )
     subdirs, files, skipped = [], [], []
     for p in sorted(root.iterdir()):
         if p.name.startswith("."):
@@ -157,9 +152,19 @@ def discover(root: str | os.PathLike) -> Discovery:
                 subdirs.append((p, how))
         elif p.suffix in WEIGHT_SUFFIXES:
             files.append(p)
+    own = _dir_weights(root)
+    if own is not None and not any((p / "trainer_state.json").is_file() for p, _ in subdirs):
+        raise CheckpointError(
+            f"{root}: is a single checkpoint; point farcast at the directory that holds the sequence "
+            f"({root.parent})"
+        )
     if subdirs:
-        for f in files:
-            skipped.append((f, "a file beside step directories is not part of the sequence"))
+        if own is not None:  # a Trainer output_dir after trainer.save_model(): the final model beside checkpoint-N/
+            skipped.append((root, f"the model files in the directory itself ({', '.join(sorted(f.name for f in files)) or 'weights'}: "
+                                  "trainer.save_model()'s copy) are not part of the sequence"))
+        else:
+            for f in files:
+                skipped.append((f, "a file beside step directories is not part of the sequence"))
         return _discover_dirs(root, subdirs, skipped)
     if files:
         return _discover_files(root, files, skipped)

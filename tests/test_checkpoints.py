@@ -152,6 +152,20 @@ def test_pointing_at_one_checkpoint_says_use_the_parent(hf_run):
         discover(hf_run / "checkpoint-2")
 
 
+def test_trainer_output_dir_after_save_model(hf_run, tmp_path):
+    """trainer.save_model() writes the final model into output_dir beside checkpoint-N/: the run is still
+    the checkpoint directories, the root's files are skipped and said so once."""
+    out = tmp_path / "out"
+    shutil.copytree(hf_run, out)
+    newest = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    for f in newest.iterdir():
+        if f.suffix in (".safetensors", ".json") and f.name != "trainer_state.json":
+            shutil.copy(f, out / f.name)
+    found = discover(out)
+    assert [c.step for c in found.checkpoints] == [c.step for c in discover(hf_run).checkpoints]
+    assert [p for p, _ in found.skipped] == [out.resolve()] and "save_model" in found.skipped[0][1]
+
+
 def test_truncated_and_corrupt_safetensors(tmp_path, digits):
     save_file(digits[0][1], tmp_path / "step_0.safetensors")
     data = (tmp_path / "step_0.safetensors").read_bytes()
