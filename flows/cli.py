@@ -134,11 +134,20 @@ def ingest(ckpt_dir, store, memory_budget_mb, allow_pickle, workers, as_json) ->
     for step, names in r.nonfinite.items():
         click.echo(f"warning: step {step} has NaN/Inf in {len(names)} tensor(s), e.g. '{names[0]}' (recorded; forecasting excludes them)")
     if r.added:
-        click.echo(f"added {len(r.added)} step(s) {r.added} x {r.tensors} tensors, {r.bytes_written / 2**20:.1f} MiB -> {r.store}")
+        click.echo(f"added {len(r.added)} step(s) {_steps_text(r.added)} x {r.tensors} tensors, "
+                   f"{r.bytes_written / 2**20:.1f} MiB -> {r.store}")
     else:
-        click.echo(f"nothing new: the store already holds steps {r.present}")
+        click.echo(f"nothing new: the store already holds steps {_steps_text(r.present)}")
     if r.present and r.added:
         click.echo(f"already present: {len(r.present)} step(s)")
+
+
+def _steps_text(steps: list[int], show: int = 6) -> str:
+    """[0, 3, 6] when short; else the first and last few: [0, 3, 6, ..., 174, 177, 180]."""
+    if len(steps) <= show:
+        return str(steps)
+    head, tail = steps[: show // 2], steps[-(show // 2):]
+    return f"[{', '.join(map(str, head))}, ..., {', '.join(map(str, tail))}]"
 
 
 def _target_options(f):

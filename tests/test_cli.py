@@ -16,7 +16,7 @@ def test_ingest_prints_what_it_added_then_nothing_new(safetensors_run, tmp_path)
     store = str(tmp_path / "store")
     r = CliRunner().invoke(main, ["ingest", str(safetensors_run), "--store", store])
     assert r.exit_code == 0, r.output
-    assert "added 5 step(s) [0, 3, 6, 9, 12] x 9 tensors" in r.output
+    assert "added 5 step(s) [0, 3, 6, 9, 12] x 9 tensors" in r.output  # short lists in full (long: first, ..., last)
     r = CliRunner().invoke(main, ["ingest", str(safetensors_run), "--store", store])
     assert r.exit_code == 0 and "nothing new" in r.output
 
@@ -55,3 +55,10 @@ def test_truncated_file_names_file_and_tensor(safetensors_run, tmp_path):
     r = CliRunner().invoke(main, ["ingest", str(safetensors_run), "--store", str(tmp_path / "s")])
     assert r.exit_code == 2
     assert "step_000012.safetensors: truncated: tensor" in r.stderr
+
+
+def test_long_step_lists_are_shortened():
+    from flows.cli import _steps_text
+
+    assert _steps_text([0, 3, 6]) == "[0, 3, 6]"
+    assert _steps_text(list(range(0, 181, 3))) == "[0, 3, 6, ..., 174, 177, 180]"
