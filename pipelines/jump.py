@@ -376,6 +376,13 @@ def schedule_axis(scheduler, total: int | None, fit: FitConfig) -> TimeAxis:
     return TimeAxis("lr", Schedule(s.name, s.peak_lr, s.warmup, total, s.options), source)
 
 
+def loop_jumper(config: JumpConfig, scheduler, total: int | None, store_dir=None) -> Jumper:
+    """The Jumper of a training loop whose per-step scheduler is ``scheduler`` (None: none): its time
+    axis, and its Retimer when ``config.retime`` (made first: it wraps the schedule the axis tabulates)."""
+    retimer = Retimer(scheduler, total) if config.retime and config.advance else None
+    return Jumper(config, schedule_axis(scheduler, total, config.fit), store_dir, total=total, retimer=retimer)
+
+
 # ---------------------------------------------------------------- plain torch
 
 
@@ -390,9 +397,7 @@ class TorchJumper:
     def __init__(self, model, optimizer, scheduler=None, loss_fn=None, config: JumpConfig = JumpConfig(),
                  total_steps: int | None = None, store_dir=None):
         self.model, self.optimizer, self.scheduler, self.loss_fn = model, optimizer, scheduler, loss_fn
-        retimer = Retimer(scheduler, total_steps) if config.retime and config.advance else None
-        self.jumper = Jumper(config, schedule_axis(scheduler, total_steps, config.fit), store_dir, total=total_steps,
-                             retimer=retimer)
+        self.jumper = loop_jumper(config, scheduler, total_steps, store_dir)
         self.jumper.record(0, self.jumper.params(model))
 
     def summary(self) -> dict:
@@ -431,10 +436,7 @@ def hf_callback(config: JumpConfig = JumpConfig(), guard_batches: list[dict] | N
             self.jumper: Jumper | None = None
 
         def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, **kw):
-            sched = _inner(lr_scheduler)
-            retimer = Retimer(sched, state.max_steps) if config.retime and config.advance else None
-            axis = schedule_axis(sched, state.max_steps, config.fit)
-            self.jumper = Jumper(config, axis, store_dir, total=state.max_steps, retimer=retimer)
+            self.jumper = loop_jumper(config, _inner(lr_scheduler), state.max_steps, store_dir)
             self.jumper.record(state.global_step, self.jumper.params(model))
 
         def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
@@ -494,9 +496,7 @@ def lightning_callback(config: JumpConfig = JumpConfig(), loss_fn: Callable | No
             sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
             per_step = bool(trainer.lr_scheduler_configs) and trainer.lr_scheduler_configs[0].interval == "step"
             total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-            retimer = Retimer(sched if per_step else None, total) if config.retime and config.advance else None
-            axis = schedule_axis(sched if per_step else None, total, config.fit)
-            self.jumper = Jumper(config, axis, store_dir, total=total, retimer=retimer)
+            self.jumper = loop_jumper(config, sched if per_step else None, total, store_dir)
             self.jumper.record(trainer.global_step, self.jumper.params(pl_module))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
