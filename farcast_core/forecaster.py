@@ -179,12 +179,13 @@ def reduce_values(W: torch.Tensor, mask: torch.Tensor, coefs) -> Moments:
     # a subset of rows for kappa: every q-th parameter of a chunk (q from its own size, so the subset
     # does not depend on how chunks are batched), in every cut
     sizes = mask.sum(-1).tolist()
-    Vs, Va = _every(V, sizes, [max(1, -(-C * n // KAPPA_ROWS)) for n in sizes]), _every(
-        V, sizes, [max(1, -(-n // KAPPA_ROWS)) for n in sizes])
+    Vs, Va = _every(V, sizes, [max(1, -(-C * p // KAPPA_ROWS)) for p in sizes]), _every(
+        V, sizes, [max(1, -(-p // KAPPA_ROWS)) for p in sizes])
+    in_s = Vs[:, -1] > 0  # (K, Ps) the subset's real parameters (V's last row is the mask)
     # normalisers: mean |f_k - w_c| and mean |w_c| over all cuts, on the subset's parameters (they only
     # set the units of the problem; a pass over every row cost a third of the reduction)
     rel_c = Fc[:, :-1, :] - Fc[:, -1:, :]  # (C, F-1, R): f_k - w_c as row weights
-    ns = (Vs[:, -1] > 0).sum(-1, keepdim=True).clamp_min(1)  # (K, 1)
+    ns = in_s.sum(-1, keepdim=True).clamp_min(1)  # (K, 1)
     s_rel = (rel_c.reshape(C * (F - 1), R) @ Vs[:, :R]).abs().sum(-1).view(K, C, F - 1).sum(1) / (C * ns) + 1e-12
     s_wc = ((Fc[:, -1] @ Vs[:, :R] + Vs[:, R : R + 1]).abs().sum(-1).sum(-1, keepdim=True) / (C * ns)) + 1e-12
     s_y = s_rel[:, :1]
@@ -212,7 +213,7 @@ def reduce_values(W: torch.Tensor, mask: torch.Tensor, coefs) -> Moments:
     Ga = Ta @ S @ Ta.transpose(-1, -2)
     Xs = (T @ Vs.unsqueeze(1)).transpose(-1, -2).reshape(K, -1, D)  # (K, C * Ps, D), cut-major
     Ys = (U @ Vs.unsqueeze(1)).transpose(-1, -2).reshape(K, -1, m)
-    ms = (Vs[:, -1] > 0).repeat(1, C)
+    ms = in_s.repeat(1, C)
     Xas = (Ta @ Va).transpose(-1, -2)
     return Moments(G, P0, mse0.clamp_min(0), Ga, torch.cat([s_rel, s_wc, s_y], -1), Xs, Ys, ms, Xas, Va[:, -1] > 0)
 
