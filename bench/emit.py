@@ -62,7 +62,7 @@ def main() -> None:
     del drift
     ingest(work / "run", work / "store")
     t = time.perf_counter()
-    _, fc_path, _ = fit(work / "store", ratio=1.5, config=FitConfig(), out=work / "fc.safetensors")
+    _, fc_path, _ = fit(work / "store", ratio=1.5, config=FitConfig(), out=work / "fc")
     fit_s = time.perf_counter() - t
 
     code = CHILD.format(repo=str(REPO), fc=str(fc_path), store=str(work / "store"), out=str(work / "out"))

@@ -170,7 +170,7 @@ def main() -> None:
             make(run)
         ingest_s = timed_ingest(run, work / name / "store")
         os.sync()  # write ingest's dirty pages back now, so the fit's fsync of its small file does not pay for them
-        fit = timed_fit(work / name / "store", work / name / "forecasters.safetensors", target, ratio, args.device)
+        fit = timed_fit(work / name / "store", work / name / "forecasters", target, ratio, args.device)
         sp = fit["spent"]
         print(f"{name:<8} {fit['params'] / 1e6:>8.2f}M {fit['chunks']:>6} {ingest_s:>9.2f} {fit['total']:>7.2f} "
               f"{fit['total'] / ingest_s:>9.3f}x   {sp['plan']:>6.3f} {sp['read']:>6.3f} {sp['reduce']:>6.3f} "

@@ -108,7 +108,7 @@ from pipelines.fit import fit
 torch.zeros(1)
 t = time.perf_counter()
 fc, path, target = fit({str(store)!r}, ratio=2.0, out={str(out)!r}, force=True)
-print(json.dumps({{"s": time.perf_counter() - t, "rss": {HWM}, "target": target, "chunks": len(fc.keys)}}))
+print(json.dumps({{"s": time.perf_counter() - t, "rss": {HWM}, "target": target, "chunks": len(fc.keys), "path": str(path)}}))
 """)
 
 
@@ -158,8 +158,8 @@ def main() -> None:
             ing = stage_ingest(run, work / f"store-{d}")
             cp = stage_copy(run, work / f"copy-{d}")
             shutil.rmtree(work / f"copy-{d}")
-            fit = stage_fit(work / f"store-{d}", work / f"fc-{d}.safetensors")
-            emi = stage_emit(work / f"store-{d}", work / f"fc-{d}.safetensors", work / f"out-{d}")
+            fit = stage_fit(work / f"store-{d}", work / f"fc-{d}")
+            emi = stage_emit(work / f"store-{d}", Path(fit["path"]), work / f"out-{d}")
             newest = sorted(run.glob("*.safetensors"))[-1]
             ref = stage_save_file(newest, work / f"save_file-{d}.safetensors")
             rows = [("ingest", ing, cp, f"cp -r of the run ({gb:.1f} GB) + sync"),

@@ -97,6 +97,45 @@ def _parse_features(ctx, param, value: str) -> tuple[float, ...]:
     return tuple(out)
 
 
+class Bars:
+    """Progress bars on stderr (tqdm), one per stage, shown only on a terminal and without --quiet.
+
+    Called as ``bars(stage, done, total)``; a stage's bar closes when done reaches total.
+    """
+
+    def __init__(self, quiet: bool = False):
+        self.off = quiet or not sys.stderr.isatty()
+        self.bars: dict = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.off:
+            return
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, file=sys.stderr, dynamic_ncols=True,
+                                          bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
+        bar.total = total
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            del self.bars[stage]
+
+    def stage(self, name: str):
+        """A (done, total) callback for one stage."""
+        return lambda done, total: self(name, done, total)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
+
+
+def quiet_option(f):
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bars (they show only on a terminal anyway).")(f)
+
+
 POSITIVE = click.IntRange(min=1)
 MAX_STEP = 2**53
 
@@ -114,16 +153,17 @@ def main() -> None:
 @click.option("--allow-pickle", is_flag=True, help="Load torch pickles that hold Python objects beyond tensors (only for files you trust).")
 @click.option("--workers", default=4, show_default=True, type=POSITIVE, help="Threads copying chunks.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def ingest(ckpt_dir, store, memory_budget_mb, allow_pickle, workers, as_json) -> None:
-    """Add the new checkpoints of CKPT_DIR to the run's Zarr store."""
-    from pipelines.ingest import IngestConfig, ingest as run_ingest
+@quiet_option
+def ingest(ckpt_dir, store, memory_budget_mb, allow_pickle, workers, as_json, quiet) -> None:
+    """Add the new checkpoints of CKPT_DIR to the run's Zarr store.
 
-    def progress(step, done, total):
-        if not as_json:
-            click.echo(f"  committed step {step} ({done}/{total})", err=True)
+    Later commands given CKPT_DIR (fit, backtest, emit, run, serve) use this store.
+    """
+    from pipelines.ingest import IngestConfig, ingest as run_ingest, steps_text
 
+    bars = Bars(quiet)
     cfg = IngestConfig(memory_budget_mb=memory_budget_mb, allow_pickle=allow_pickle, workers=workers)
-    r = run_ingest(ckpt_dir, store, cfg, on_step=progress)
+    r = run_ingest(ckpt_dir, store, cfg, on_step=lambda step, done, total: bars("ingest", done, total))
     if as_json:
         click.echo(json.dumps(r.__dict__))
         return
@@ -134,20 +174,12 @@ def ingest(ckpt_dir, store, memory_budget_mb, allow_pickle, workers, as_json) ->
     for step, names in r.nonfinite.items():
         click.echo(f"warning: step {step} has NaN/Inf in {len(names)} tensor(s), e.g. '{names[0]}' (recorded; forecasting excludes them)")
     if r.added:
-        click.echo(f"added {len(r.added)} step(s) {_steps_text(r.added)} x {r.tensors} tensors, "
+        click.echo(f"added {len(r.added)} step(s) {steps_text(r.added)} x {r.tensors} tensors, "
                    f"{r.bytes_written / 2**20:.1f} MiB -> {r.store}")
     else:
-        click.echo(f"nothing new: the store already holds steps {_steps_text(r.present)}")
+        click.echo(f"nothing new: the store already holds steps {steps_text(r.present)}")
     if r.present and r.added:
         click.echo(f"already present: {len(r.present)} step(s)")
-
-
-def _steps_text(steps: list[int], show: int = 6) -> str:
-    """[0, 3, 6] when short; else the first and last few: [0, 3, 6, ..., 174, 177, 180]."""
-    if len(steps) <= show:
-        return str(steps)
-    head, tail = steps[: show // 2], steps[-(show // 2):]
-    return f"[{', '.join(map(str, head))}, ..., {', '.join(map(str, tail))}]"
 
 
 def _target_options(f):
@@ -203,38 +235,66 @@ def _fit_config(lam, features, cuts, sample, seed, axis="auto", schedule_name=No
     return FitConfig(lam=lam, extra_features=extra, max_cuts=cuts, sample=sample, seed=seed, axis=axis, schedule=schedule)
 
 
-def _as_store(path: str, store: str | None) -> str:
-    """A store path for PATH: PATH itself if it is a store, else PATH ingested into a store."""
+def _as_store(path: str, store: str | None, bars: Bars, allow_pickle: bool = False, echo: bool = True) -> str:
+    """The store for PATH: PATH itself if it is a store, else the run directory PATH ingested (new steps
+    only) into --store, or the store an earlier ingest of PATH used, or its default store."""
     from pathlib import Path
 
-    from pipelines.ingest import default_store, ingest as run_ingest
 
-    if (Path(path) / "zarr.json").is_file():
+    from pipelines.ingest import IngestConfig, ingest as run_ingest, store_for
+
+    if not _is_store(path) and not Path(path).is_dir():
+        raise FarcastError(f"{path}: no such directory; give the checkpoint directory your trainer saves into, "
+                           "or a store made by 'farcast ingest'")
+    if _is_store(path):
+        if store:
+            raise FarcastError(f"{path} is a store; --store goes with a checkpoint directory")
         return path
-    store = store or str(default_store(path))
-    r = run_ingest(path, store)
-    if r.added:
-        click.echo(f"ingested {len(r.added)} new step(s) into {store}", err=True)
+    store = store or store_for(path)
+    r = run_ingest(path, store, IngestConfig(allow_pickle=allow_pickle),
+                   on_step=lambda step, done, total: bars("ingest", done, total))
+    if echo:
+        click.echo(f"store {store}: {len(r.added)} new step(s), {len(r.present)} already there", err=True)
     return store
 
 
+def _is_store(path: str) -> bool:
+    from pathlib import Path
+
+    return "://" in path or (Path(path) / "zarr.json").is_file()
+
+
+def _source_options(f):
+    f = click.option("--allow-pickle", is_flag=True, help="Load torch pickles that hold Python objects beyond tensors (only for files you trust).")(f)
+    f = click.option("--store", help="With a checkpoint directory: the store to ingest it into (default: the store "
+                                     "an earlier 'farcast ingest' used for it, else one under ~/.cache/farcast).")(f)
+    return f
+
+
 @main.command()
-@click.argument("store")
+@click.argument("ckpt_dir_or_store")
 @_target_options
-@click.option("--out", type=click.Path(dir_okay=False), help="Forecaster file (default: beside the store; outside the run's directory).")
-@click.option("--force", is_flag=True, help="Replace an existing --out file.")
+@click.option("--out", type=click.Path(file_okay=False), help="Directory to save the forecasters in, as target_<step>.safetensors "
+              "(default: beside the store; outside the run's directory).")
+@click.option("--force", is_flag=True, help="Replace an existing forecaster file in --out.")
+@_source_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@quiet_option
 @_fit_options
-def fit(store, target_step, ratio, out, force, **fit_opts) -> None:
-    """Fit the forecasters of STORE for a target and save them (A, b per chunk, and the config)."""
+def fit(ckpt_dir_or_store, target_step, ratio, out, force, store, allow_pickle, as_json, quiet, **fit_opts) -> None:
+    """Fit the forecasters of a run (a checkpoint dir or a store) for a target and save them."""
+    from farcast_core.timeaxis import TimeAxis
     from pipelines.fit import fit as run_fit
 
-    def progress(done, total):
-        click.echo(f"  fitted batch {done}/{total}", err=True)
-
-    fc, path, target = run_fit(store, target_step, ratio, _fit_config(**fit_opts), out, progress, force)
-    from farcast_core.timeaxis import TimeAxis
-
-    click.echo(TimeAxis.from_json(fc.axis).describe())
+    bars = Bars(quiet or as_json)
+    store = _as_store(ckpt_dir_or_store, store, bars, allow_pickle, echo=not as_json)
+    fc, path, target = run_fit(store, target_step, ratio, _fit_config(**fit_opts), out, bars.stage("fit"), force)
+    axis = TimeAxis.from_json(fc.axis)
+    if as_json:
+        click.echo(json.dumps({"forecasters": str(path), "store": store, "target_step": target, "ratio": fc.rho,
+                               "axis": fc.axis, "steps": fc.steps, "chunks": len(fc.keys), "excluded": fc.excluded}))
+        return
+    click.echo(axis.describe())
     click.echo(f"fitted {len(fc.keys)} chunk forecasters for step {target} (ratio {fc.rho:.4g}) on steps "
                f"{fc.steps[0]}..{fc.steps[-1]} -> {path}")
     if fc.excluded:
@@ -244,19 +304,22 @@ def fit(store, target_step, ratio, out, force, **fit_opts) -> None:
 @main.command()
 @click.argument("ckpt_dir_or_store")
 @_target_options
-@click.option("--store", help="Store to ingest CKPT_DIR into (default: a per-run store under ~/.cache/farcast).")
+@_source_options
 @click.option("--forecaster", type=click.Path(exists=True, dir_okay=False), help="Evaluate a saved forecaster (transfer from another run) instead of fitting.")
 @click.option("--per-tensor", is_flag=True, help="Also print the MAE of every tensor.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@quiet_option
 @_fit_options
-def backtest(ckpt_dir_or_store, target_step, ratio, store, forecaster, per_tensor, as_json, **fit_opts) -> None:
+def backtest(ckpt_dir_or_store, target_step, ratio, store, allow_pickle, forecaster, per_tensor, as_json, quiet,
+             **fit_opts) -> None:
     """Backtest the farcaster against the baselines on a run (a checkpoint dir or a store)."""
     from pipelines.backtest import backtest as run_backtest, format_table
     from storage.artifacts import load_forecasters
 
-    store = _as_store(ckpt_dir_or_store, store)
+    bars = Bars(quiet or as_json)
+    store = _as_store(ckpt_dir_or_store, store, bars, allow_pickle, echo=not as_json)
     fc = load_forecasters(forecaster)[0] if forecaster else None
-    report = run_backtest(store, target_step, ratio, _fit_config(**fit_opts), fc)
+    report = run_backtest(store, target_step, ratio, _fit_config(**fit_opts), fc, progress=bars)
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -290,65 +353,88 @@ def _print_emitted(result, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("store")
+@click.argument("ckpt_dir_or_store")
 @_target_options
 @_emit_options
-@click.option("--allow-pickle", is_flag=True, help="Load torch pickles that hold Python objects beyond tensors.")
+@_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@quiet_option
 @_fit_options
 @click.option("--forecaster", type=click.Path(exists=True, dir_okay=False), help="Use forecasters saved by 'farcast fit' instead of fitting.")
-def emit(store, target_step, ratio, out, optimizer, force, allow_worse, nonfinite, allow_pickle, as_json, forecaster,
-         **fit_opts) -> None:
-    """Write the forecast checkpoint of STORE's run at the target step, in the run's own layout."""
-    from pipelines.emit import EmitConfig, emit as run_emit
+def emit(ckpt_dir_or_store, target_step, ratio, out, optimizer, force, allow_worse, nonfinite, store, allow_pickle,
+         as_json, quiet, forecaster, **fit_opts) -> None:
+    """Write the forecast checkpoint of a run (a checkpoint dir or a store) at the target step, in the run's own layout."""
+    from pathlib import Path
+
+    from pipelines.emit import EmitConfig, check_request, emit as run_emit
     from storage.artifacts import load_forecasters
 
     cfg = EmitConfig(optimizer=optimizer, force=force, allow_worse=allow_worse, allow_pickle=allow_pickle,
                      nonfinite=nonfinite)
     fc = load_forecasters(forecaster)[0] if forecaster else None
     fit_cfg = fc.config if fc else _fit_config(**fit_opts)
-    result = run_emit(store, out, target_step, ratio, fit_cfg, cfg, forecasters=fc)
+    bars = Bars(quiet or as_json)
+    if not _is_store(ckpt_dir_or_store) and Path(ckpt_dir_or_store).is_dir():
+        check_request(ckpt_dir_or_store, out, target_step, ratio)  # before any ingest or fit
+    store = _as_store(ckpt_dir_or_store, store, bars, allow_pickle, echo=not as_json)
+    result = run_emit(store, out, target_step, ratio, fit_cfg, cfg, forecasters=fc, progress=bars)
     _print_emitted(result, as_json)
+
+
+def _verbose(verbose: bool) -> None:
+    import os
+
+    if verbose:
+        os.environ["FARCAST_VERBOSE"] = "1"  # read where the Dask runner is made (flows.flows.quiet_dask)
+
+
+def _flow_options(f):
+    """What `run` and `serve` share: where the store is, how the flow runs, what it emits."""
+    f = _fit_options(f)
+    f = click.option("--allow-pickle", is_flag=True, help="Load torch pickles that hold Python objects beyond tensors.")(f)
+    f = click.option("--verbose", "-v", is_flag=True, help="Also show the Dask cluster's INFO logs (--runner dask).")(f)
+    f = click.option("--dask-processes", is_flag=True, help="With --runner dask and no --dask-address: the LocalCluster's "
+                     "workers are processes (each imports torch and Prefect: seconds per run) instead of threads.")(f)
+    f = click.option("--workers", default=2, show_default=True, type=POSITIVE, help="Threads, processes or LocalCluster workers.")(f)
+    f = click.option("--dask-address", help="Scheduler address of an existing Dask cluster (with --runner dask); default: a LocalCluster.")(f)
+    f = click.option("--runner", type=click.Choice(["threads", "processes", "dask"]), default="threads", show_default=True, help="Prefect task runner.")(f)
+    f = click.option("--store", help="The run's Zarr store, any fsspec URL the workers reach (default: the store an "
+                                     "earlier 'farcast ingest' used for CKPT_DIR, else one under ~/.cache/farcast).")(f)
+    f = _emit_options(f)
+    f = _target_options(f)
+    return f
 
 
 @main.command()
 @click.argument("ckpt_dir", type=click.Path(file_okay=False))
-@_target_options
-@_emit_options
-@click.option("--store", help="The run's Zarr store, any fsspec URL the workers reach (default: a per-run store under ~/.cache/farcast).")
-@click.option("--runner", type=click.Choice(["threads", "processes", "dask"]), default="threads", show_default=True, help="Prefect task runner.")
-@click.option("--dask-address", help="Scheduler address of an existing Dask cluster (with --runner dask); default: a LocalCluster.")
-@click.option("--workers", default=2, show_default=True, type=POSITIVE, help="Threads, processes or LocalCluster workers.")
+@_flow_options
 @click.option("--direct", is_flag=True, help="Call the pipeline functions without Prefect (no server, no artifacts).")
-@click.option("--allow-pickle", is_flag=True, help="Load torch pickles that hold Python objects beyond tensors.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_fit_options
+@quiet_option
 def run(ckpt_dir, target_step, ratio, out, optimizer, force, allow_worse, nonfinite, store, runner, dask_address, workers,
-        direct, allow_pickle, as_json, **fit_opts) -> None:
+        dask_processes, verbose, direct, allow_pickle, as_json, quiet, **fit_opts) -> None:
     """The whole job: ingest CKPT_DIR, fit, backtest, emit the forecast checkpoint into OUT (a Prefect flow)."""
-    from pipelines.ingest import default_store
-
+    _verbose(verbose)
     from pipelines.emit import EmitConfig, check_request
+    from pipelines.ingest import store_for
 
-    store = store or str(default_store(ckpt_dir))
+    store = store or store_for(ckpt_dir)
     fit_cfg = _fit_config(**fit_opts)
     emit_cfg = dict(optimizer=optimizer, force=force, allow_worse=allow_worse, allow_pickle=allow_pickle, nonfinite=nonfinite)
     EmitConfig(**emit_cfg)
     check_request(ckpt_dir, out, target_step, ratio)  # before any ingest or fit
     if direct:
-        from pipelines.emit import EmitConfig, emit as run_emit
-        from pipelines.ingest import IngestConfig, ingest as run_ingest
+        from pipelines.emit import emit as run_emit
 
-        r = run_ingest(ckpt_dir, store, IngestConfig(allow_pickle=allow_pickle))
-        if not as_json:
-            click.echo(f"store {store}: {len(r.added)} new step(s), {len(r.present)} already there", err=True)
-        result = run_emit(store, out, target_step, ratio, fit_cfg, EmitConfig(**emit_cfg))
+        bars = Bars(quiet or as_json)
+        store = _as_store(ckpt_dir, store, bars, allow_pickle, echo=not as_json)
+        result = run_emit(store, out, target_step, ratio, fit_cfg, EmitConfig(**emit_cfg), progress=bars)
         _print_emitted(result, as_json)
         return
     from flows.flows import farcast_flow, with_runner
 
     _quiet_user_errors()
-    f = with_runner(farcast_flow, runner, dask_address, workers)
+    f = with_runner(farcast_flow, runner, dask_address, workers, dask_processes)
     r = _quiet_flow(f, as_json)(ckpt_dir, out, target_step, ratio, store, fit_cfg.to_json(), emit_cfg, allow_pickle)
     if as_json:
         click.echo(json.dumps({k: r[k] for k in ("emitted", "target_step", "files", "backtest", "store")}))
@@ -357,6 +443,50 @@ def run(ckpt_dir, target_step, ratio, out, optimizer, force, allow_worse, nonfin
 
     click.echo(format_table(r["backtest"]))
     click.echo(f"emitted the forecast for step {r['target_step']}: {r['emitted']}")
+
+
+@main.command()
+@click.argument("ckpt_dir", type=click.Path(file_okay=False))
+@_flow_options
+@click.option("--interval", type=FiniteFloat(min=0, min_open=True), help="Seconds between scheduled runs.")
+@click.option("--cron", help="Cron expression for scheduled runs, e.g. '*/30 * * * *'.")
+@click.option("--name", help="Deployment name (default: farcast-<run dir name>).")
+def serve(ckpt_dir, target_step, ratio, out, optimizer, force, allow_worse, nonfinite, store, runner, dask_address, workers,
+          dask_processes, verbose, allow_pickle, interval, cron, name, **fit_opts) -> None:
+    """Serve a scheduled deployment that re-forecasts CKPT_DIR whenever the trainer saved more.
+
+    One run at a time: a scheduled run that finds the previous one still going is cancelled
+    (Prefect's deployment concurrency limit 1, strategy CANCEL_NEW) and the next one catches up.
+    """
+    from farcast_core.errors import ForecastError
+    from pipelines.emit import EmitConfig, check_request
+
+    _verbose(verbose)
+    if (interval is None) == (cron is None):
+        raise ForecastError("give exactly one of --interval or --cron")
+    if (target_step is None) == (ratio is None):
+        raise ForecastError("give exactly one of --target-step or --ratio")
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        # Prefect's temporary server runs no scheduler: served schedules would never fire
+        raise ForecastError(
+            "farcast serve needs a Prefect server for its schedule: run 'prefect server start' elsewhere, then "
+            "export PREFECT_API_URL=http://127.0.0.1:4200/api and rerun"
+        )
+    fit_cfg = _fit_config(**fit_opts)
+    emit_cfg = dict(optimizer=optimizer, force=force, allow_worse=allow_worse, allow_pickle=allow_pickle, nonfinite=nonfinite)
+    EmitConfig(**emit_cfg)
+    check_request(ckpt_dir, out, target_step, ratio)
+    from prefect import serve as prefect_serve
+
+    from flows.flows import make_deployment
+
+    d = make_deployment(ckpt_dir, out, ratio, target_step, interval, cron, store, fit_cfg.to_json(), name,
+                        emit_config=emit_cfg, runner=runner, dask_address=dask_address, workers=workers,
+                        dask_processes=dask_processes)
+    click.echo(f"serving deployment '{d.name}' ({'every ' + str(interval) + ' s' if interval else 'cron ' + cron}); Ctrl-C stops", err=True)
+    prefect_serve(d)
 
 
 def _user_error(exc) -> bool:
@@ -409,41 +539,6 @@ def _quiet_flow(f, quiet: bool):
             return f(*args)
 
     return call
-
-
-@main.command()
-@click.argument("ckpt_dir", type=click.Path(file_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory the forecasts are written into.")
-@_target_options
-@click.option("--interval", type=FiniteFloat(min=0, min_open=True), help="Seconds between scheduled runs.")
-@click.option("--cron", help="Cron expression for scheduled runs, e.g. '*/30 * * * *'.")
-@click.option("--store", help="The run's Zarr store (default: a per-run store under ~/.cache/farcast).")
-@click.option("--name", help="Deployment name (default: farcast-<run dir name>).")
-@_fit_options
-def serve(ckpt_dir, out, target_step, ratio, interval, cron, store, name, **fit_opts) -> None:
-    """Serve a scheduled deployment that re-forecasts CKPT_DIR whenever the trainer saved more."""
-    from farcast_core.errors import ForecastError
-
-    if (interval is None) == (cron is None):
-        raise ForecastError("give exactly one of --interval or --cron")
-    if (target_step is None) == (ratio is None):
-        raise ForecastError("give exactly one of --target-step or --ratio")
-    import os
-
-    if not os.environ.get("PREFECT_API_URL"):
-        # Prefect's temporary server runs no scheduler: served schedules would never fire
-        raise ForecastError(
-            "farcast serve needs a Prefect server for its schedule: run 'prefect server start' elsewhere, then "
-            "export PREFECT_API_URL=http://127.0.0.1:4200/api and rerun"
-        )
-    from prefect import serve as prefect_serve
-
-    from flows.flows import make_deployment
-
-    d = make_deployment(ckpt_dir, out, ratio, target_step, interval, cron, store,
-                        _fit_config(**fit_opts).to_json(), name)
-    click.echo(f"serving deployment '{d.name}' ({'every ' + str(interval) + ' s' if interval else 'cron ' + cron}); Ctrl-C stops", err=True)
-    prefect_serve(d)
 
 
 @main.command()

@@ -14,6 +14,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import torch  # noqa: E402
 from prefect import flow, get_run_logger, task, unmapped  # noqa: E402
+from prefect.states import Completed  # noqa: E402
 from prefect.artifacts import (  # noqa: E402
     create_markdown_artifact,
     create_progress_artifact,
@@ -31,6 +32,34 @@ from pipelines import fit as fit_mod  # noqa: E402
 from pipelines import ingest as ingest_mod  # noqa: E402
 from storage.artifacts import default_forecaster_path  # noqa: E402
 from storage.store import RunStore  # noqa: E402
+
+
+def artifact_key(kind: str, ckpt_dir: str | None) -> str:
+    """A Prefect artifact key per run directory (keys allow a-z, 0-9 and '-'): its history is that run's."""
+    import hashlib
+    import re
+    from pathlib import Path
+
+    if not ckpt_dir:
+        return f"farcast-{kind}"
+    root = Path(ckpt_dir).resolve()
+    slug = re.sub(r"[^a-z0-9]+", "-", root.name.lower()).strip("-")[:40] or "run"
+    return f"farcast-{kind}-{slug}-{hashlib.sha1(str(root).encode()).hexdigest()[:8]}"
+
+
+class _ArtifactProgress:
+    """A Prefect progress artifact that follows ``(done, total)`` calls, updated at most every 2%."""
+
+    def __init__(self, key: str, description: str):
+        self.id = create_progress_artifact(0.0, key=key, description=description)
+        self.shown = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        pct = 100.0 * done / max(total, 1)
+        if pct - self.shown >= 2.0 or done >= total:
+            update_progress_artifact(self.id, pct)
+            self.shown = pct
+
 
 def _worth_retrying(task, task_run, state) -> bool:
     """Retry I/O errors only: farcast's own refusals (bad input, a locked store) fail the same way again."""
@@ -57,20 +86,42 @@ def ingest_task(ckpt_dir: str, store: str, allow_pickle: bool = False) -> dict:
 
     def on_step(step, done, total):
         nonlocal progress
-        pct = 100.0 * done / total
         if progress is None:
-            progress = create_progress_artifact(pct, key="farcast-ingest", description="Ingesting checkpoints")
-        else:
-            update_progress_artifact(progress, pct)
+            progress = _ArtifactProgress(artifact_key("ingest", ckpt_dir), f"Ingesting checkpoints of {ckpt_dir}")
+        progress(done, total)
 
     r = ingest_mod.ingest(ckpt_dir, store, ingest_mod.IngestConfig(allow_pickle=allow_pickle), on_step=on_step)
+    log = get_run_logger()
+    if r.added:
+        log.info("ingested %d new step(s) %s of %s into %s (%d already there)", len(r.added), ingest_mod.steps_text(r.added),
+                 ckpt_dir, store, len(r.present))
+    else:
+        log.info("no new checkpoint in %s: the store already holds steps %s", ckpt_dir, ingest_mod.steps_text(r.present))
+    for w in r.warnings:
+        log.warning(w)
     return {"added": r.added, "present": r.present, "skipped": r.skipped, "warnings": r.warnings,
             "nonfinite": {str(k): v for k, v in r.nonfinite.items()}, "bytes": r.bytes_written}
 
 
+@task(name="warm-up")
+def warm_up_task(n: int) -> int:
+    """Nothing: running it makes a fresh worker process import farcast, torch and Prefect (seconds)
+    while the flow's own process ingests, instead of when the first fit task arrives."""
+    return n
+
+
 @task(name="backtest", **DISK_RETRIES)
-def backtest_task(store: str, target_step: int | None, ratio: float | None, fit_config: dict) -> dict:
-    return backtest_mod.backtest(store, target_step, ratio, FitConfig.from_json(fit_config))
+def backtest_task(store: str, target_step: int | None, ratio: float | None, fit_config: dict,
+                  ckpt_dir: str | None = None) -> dict:
+    bars: dict = {}
+
+    def progress(stage, done, total):
+        if stage not in bars:
+            bars[stage] = _ArtifactProgress(artifact_key(stage.replace(" ", "-").split("(")[0].strip("-"), ckpt_dir),
+                                            f"{stage.capitalize()}: {ckpt_dir or store}")
+        bars[stage](done, total)
+
+    return backtest_mod.backtest(store, target_step, ratio, FitConfig.from_json(fit_config), progress=progress)
 
 
 @task(name="plan-fit")
@@ -106,12 +157,22 @@ def save_forecasters_task(store: str, n_rows: int, rho: float, target: int, fit_
 
 
 @task(name="emit", **DISK_RETRIES)
-def emit_task(store: str, out: str, target_step: int, fit_config: dict, emit_config: dict, report: dict, forecasters: str) -> dict:
+def emit_task(store: str, out: str, target_step: int, fit_config: dict, emit_config: dict, report: dict, forecasters: str,
+              ckpt_dir: str | None = None) -> dict:
     from storage.artifacts import load_forecasters
 
+    import contextvars
+
     fc, _ = load_forecasters(forecasters)
+    bar = _ArtifactProgress(artifact_key("write", ckpt_dir), f"Writing the forecast checkpoint into {out}")
+    run_ctx = contextvars.copy_context()  # emit computes chunks on its own threads: update from this task's context
+
+    def progress(stage, done, total):  # called under emit's lock, so the context is entered by one thread at a time
+        run_ctx.run(bar, done, total)
+
     r = emit_mod.emit(store, out, target_step=target_step, fit_config=FitConfig.from_json(fit_config),
-                      config=emit_mod.EmitConfig(**emit_config), report=report, forecasters=fc)
+                      config=emit_mod.EmitConfig(**emit_config), report=report, forecasters=fc, progress=progress)
+    get_run_logger().info("emitted the forecast of step %d: %s", r.target_step, r.path)
     return {"emitted": str(r.path), "target_step": r.target_step, "files": r.files}
 
 
@@ -121,34 +182,43 @@ def emit_task(store: str, out: str, target_step: int, fit_config: dict, emit_con
 # Stage bodies: plain functions that call tasks, so they run on whichever flow's task runner.
 
 
-def _fit(store: str, target_step: int | None, ratio: float | None, cfg: dict) -> dict:
+def _fit(store: str, target_step: int | None, ratio: float | None, cfg: dict, ckpt_dir: str | None = None) -> dict:
     plan = plan_fit_task(store, target_step, ratio, cfg)
-    progress = create_progress_artifact(0.0, key="farcast-fit", description="Fitting chunk forecasters")
+    progress = _ArtifactProgress(artifact_key("fit", ckpt_dir), f"Fitting chunk forecasters of {ckpt_dir or store}")
     futures = reduce_chunks_task.map(unmapped(store), unmapped(plan["n_rows"]), unmapped(plan["rho"]), unmapped(cfg),
                                   unmapped(plan["axis"]), plan["batches"])
     parts = []
     for n, fut in enumerate(futures):
         parts.append(fut.result())
-        update_progress_artifact(progress, 100.0 * (n + 1) / len(futures))
+        progress(n + 1, len(futures))
     path = save_forecasters_task(store, plan["n_rows"], plan["rho"], plan["target_step"], cfg, plan["axis"], parts)
     return {"forecasters": path, "target_step": plan["target_step"], "rho": plan["rho"], "batches": len(parts)}
 
 
-def _backtest(store: str, target_step: int | None, ratio: float | None, cfg: dict) -> dict:
-    report = backtest_task(store, target_step, ratio, cfg)
+def _backtest(store: str, target_step: int | None, ratio: float | None, cfg: dict, ckpt_dir: str | None = None) -> dict:
+    report = backtest_task(store, target_step, ratio, cfg, ckpt_dir)
     rows = []
     for axis, r in report["axes"].items():
         if "error" in r:
             continue
         p = r["methods"]["persistence"]["mae"]
-        rows += [{"axis": axis, "method": m, "mae": r["methods"][m]["mae"],
-                  "vs_persistence": r["methods"][m]["mae"] / p if p else None} for m in METHODS]
+        rows += [{"axis": axis, "method": m, "MAE": f"{r['methods'][m]['mae']:.4g}",
+                  "vs persistence": f"{r['methods'][m]['mae'] / p:.3f}" if p else "-"} for m in METHODS]
     create_table_artifact(
-        key="farcast-backtest", table=rows,
-        description=f"Backtest: fitted up to step {report['backtest_from']}, forecast step {report['backtest_target']:.6g}; "
-                    f"forecast on the {report['axis']['name']} axis",
+        key=artifact_key("backtest", ckpt_dir), table=rows,
+        description=f"Backtest of {ckpt_dir or store}: fitted up to step {report['backtest_from']}, forecast step "
+                    f"{report['backtest_target']:.6g}; forecast on the {report['axis']['name']} axis",
     )
+    get_run_logger().info("backtest (fitted to step %s, forecast step %.6g): farcast / persistence %.3f, %s",
+                          report["backtest_from"], report["backtest_target"], report["farcast_vs_persistence"],
+                          _verdict(report))
     return report
+
+
+def _verdict(report: dict) -> str:
+    f, p = report["methods"]["farcast"]["mae"], report["methods"]["persistence"]["mae"]
+    return (f"better than keeping the newest weights (MAE {f:.3g} vs {p:.3g})" if f < p else
+            f"worse than keeping the newest weights (MAE {f:.3g} vs {p:.3g}): emit refuses unless allow_worse")
 
 
 @task(name="check-output")
@@ -159,15 +229,17 @@ def check_output_task(store: str, out: str, target_step: int | None, ratio: floa
                                      emit_mod.EmitConfig(**emit_cfg))
 
 
-def _emit(store: str, out: str, target_step: int | None, ratio: float | None, cfg: dict, emit_cfg: dict) -> dict:
+def _emit(store: str, out: str, target_step: int | None, ratio: float | None, cfg: dict, emit_cfg: dict,
+          ckpt_dir: str | None = None) -> dict:
     check_output_task(store, out, target_step, ratio, cfg, emit_cfg)
-    fitted = _fit(store, target_step, ratio, cfg)
-    report = _backtest(store, fitted["target_step"], None, cfg)
-    result = emit_task(store, out, fitted["target_step"], cfg, emit_cfg, report, fitted["forecasters"])
+    fitted = _fit(store, target_step, ratio, cfg, ckpt_dir)
+    report = _backtest(store, fitted["target_step"], None, cfg, ckpt_dir)
+    result = emit_task(store, out, fitted["target_step"], cfg, emit_cfg, report, fitted["forecasters"], ckpt_dir)
     create_markdown_artifact(
-        key="farcast-emitted",
-        markdown=f"# Forecast checkpoint\n\nStep **{result['target_step']}** written to `{result['emitted']}`\n\n"
-                 f"farcast / persistence in the backtest: **{report['farcast_vs_persistence']:.3f}**\n",
+        key=artifact_key("emitted", ckpt_dir),
+        markdown=f"# Forecast checkpoint of {ckpt_dir or store}\n\nStep **{result['target_step']}** written to "
+                 f"`{result['emitted']}`\n\nfarcast / persistence in the backtest: "
+                 f"**{report['farcast_vs_persistence']:.3f}**\n",
         description="Where the forecast checkpoint was written",
     )
     return {**result, "backtest": report}
@@ -202,38 +274,50 @@ def farcast_flow(ckpt_dir: str, out: str, target_step: int | None = None, ratio:
 
     With ``only_if_new`` (scheduled runs) a run that finds no new checkpoint does nothing.
     """
-    store = store or str(ingest_mod.default_store(ckpt_dir))
+    store = store or ingest_mod.store_for(ckpt_dir)
     emit_cfg = {"allow_pickle": allow_pickle, **(emit_config or {})}
     fit_config = fit_config or FitConfig().to_json()
     FitConfig.from_json(fit_config), emit_mod.EmitConfig(**emit_cfg)  # refuse bad settings before any work
     emit_mod.check_request(ckpt_dir, out, target_step, ratio)
+    warm_up_task.map(range(2))  # worker processes (Dask) import farcast while this process ingests
     ingested = ingest_task(ckpt_dir, store, allow_pickle)
     if only_if_new and not ingested["added"]:
-        get_run_logger().info("no new checkpoint in %s since step %s: nothing to do", ckpt_dir, max(ingested["present"]))
-        return {"status": "nothing new", "steps": ingested["present"], "store": store}
+        why = f"no new checkpoint in {ckpt_dir} since step {max(ingested['present'])}: nothing to do"
+        get_run_logger().info(why)
+        return Completed(message=why, data={"status": "nothing new", "steps": ingested["present"], "store": store})
     if only_if_new:
         emit_cfg["force"] = True  # a scheduled run refreshes its forecast
     return {"status": "emitted", "store": store, "ingest": ingested,
-            **_emit(store, out, target_step, ratio, fit_config, emit_cfg)}
+            **_emit(store, out, target_step, ratio, fit_config, emit_cfg, ckpt_dir)}
 
 
 def make_deployment(ckpt_dir: str, out: str, ratio: float | None = None, target_step: int | None = None,
                     interval: float | None = None, cron: str | None = None, store: str | None = None,
-                    fit_config: dict | None = None, name: str | None = None):
-    """A deployment of the end-to-end flow on a schedule; its runs only act on new checkpoints."""
+                    fit_config: dict | None = None, name: str | None = None, emit_config: dict | None = None,
+                    runner: str = "threads", dask_address: str | None = None, workers: int = 2,
+                    dask_processes: bool = False):
+    """A deployment of the end-to-end flow on a schedule; its runs only act on new checkpoints, one at a time
+    (a run that finds the previous one in flight is cancelled: deployment concurrency limit 1, CANCEL_NEW)."""
     from pathlib import Path
 
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    emit_config = dict(emit_config or {})
+    allow_pickle = bool(emit_config.pop("allow_pickle", False))
     params = {"ckpt_dir": str(Path(ckpt_dir).resolve()), "out": str(Path(out).resolve()), "ratio": ratio,
-              "target_step": target_step, "store": store or str(ingest_mod.default_store(ckpt_dir)),
-              "fit_config": fit_config or FitConfig().to_json(), "only_if_new": True}
-    return farcast_flow.to_deployment(
+              "target_step": target_step, "store": store or ingest_mod.store_for(ckpt_dir),
+              "fit_config": fit_config or FitConfig().to_json(), "emit_config": emit_config,
+              "allow_pickle": allow_pickle, "only_if_new": True}
+    return with_runner(farcast_flow, runner, dask_address, workers, dask_processes).to_deployment(
         name=name or f"farcast-{Path(ckpt_dir).resolve().name}", interval=interval, cron=cron, parameters=params,
         description=f"Keep a forecast of {params['ckpt_dir']} fresh in {params['out']}",
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
     )
 
 
-def task_runner(kind: str = "threads", address: str | None = None, workers: int = 2):
-    """threads (default), processes, or dask (a LocalCluster, or the cluster at ``address``)."""
+def task_runner(kind: str = "threads", address: str | None = None, workers: int = 2, dask_processes: bool = False):
+    """threads (default), processes, or dask (a LocalCluster, of threads unless ``dask_processes``, or
+    the cluster at ``address``)."""
     if kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -245,13 +329,58 @@ def task_runner(kind: str = "threads", address: str | None = None, workers: int 
     if kind == "dask":
         from prefect_dask import DaskTaskRunner
 
+        quiet_dask()
         if address:
             return DaskTaskRunner(address=address)
-        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                              cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "dashboard_address": None})
+        return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs=dask_cluster_kwargs(workers, dask_processes))
     raise ValueError(f"unknown task runner {kind!r}: threads, processes or dask")
 
 
-def with_runner(f, kind: str = "threads", address: str | None = None, workers: int = 2):
+def dask_cluster_kwargs(workers: int, processes: bool = False) -> dict:
+    """A LocalCluster of ``workers`` workers running one task at a time each, no dashboard (the
+    scheduler's HTTP server, which it always starts, listens on a free local port).
+
+    By default the workers are threads of this process: worker processes would each import torch
+    and Prefect again (measured ~9 s per flow run on 2 cores, which a fit of seconds never wins
+    back on one machine). With ``processes`` they are processes sharing the cores between their
+    torch threads (Dask's nannies set OMP_NUM_THREADS=1 otherwise: one core per worker). For
+    workers on other machines, start a cluster and pass its address."""
+    kw = {"n_workers": workers, "threads_per_worker": 1, "processes": processes,
+          "dashboard_address": "127.0.0.1:0", "scheduler_kwargs": {"dashboard": False}}
+    if processes:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        kw["env"] = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    return kw
+
+
+def local_cluster(**kwargs):
+    """A distributed.LocalCluster; worker processes talk to this process's Prefect API: the temporary
+    server the flow started, when no PREFECT_API_URL is set (else each would start its own, ~10 s)."""
+    from distributed import LocalCluster
+    from prefect.settings import get_current_settings
+
+    if not kwargs.get("processes", True):
+        return LocalCluster(**kwargs)
+    prefect_env = {k: v for k, v in get_current_settings().to_environment_variables(exclude_unset=True).items()
+                   if k.startswith("PREFECT_API") or k.startswith("PREFECT_SERVER")}
+    if not get_current_settings().api.url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()  # the running temporary server (one per process)
+        if server.server_process is not None:
+            prefect_env["PREFECT_API_URL"] = server.api_url
+    return LocalCluster(**{**kwargs, "env": {**prefect_env, **kwargs.get("env", {})}})
+
+
+def quiet_dask(verbose: bool = False) -> None:
+    """Dask's INFO logs (~40 lines a run) only with ``verbose`` (-v, or FARCAST_VERBOSE=1); warnings always."""
+    import logging
+
+    verbose = verbose or os.environ.get("FARCAST_VERBOSE") == "1"
+    for name in ("distributed", "prefect.task_runner.dask"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def with_runner(f, kind: str = "threads", address: str | None = None, workers: int = 2, dask_processes: bool = False):
     """The flow ``f`` (and the flows it calls) on the chosen task runner."""
-    return f.with_options(task_runner=task_runner(kind, address, workers))
+    return f.with_options(task_runner=task_runner(kind, address, workers, dask_processes))

@@ -8,6 +8,7 @@ forecast parameters and per tensor, for the farcaster and every baseline. Chunk 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ def backtest(
     forecasters: Forecasters | None = None,
     compare_axes: bool = True,
     axis: TimeAxis | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """The backtest report as a JSON-able dict (see ``farcast backtest --json``).
 
@@ -39,6 +41,8 @@ def backtest(
     at their own ratio. With ``compare_axes`` and a known schedule, the same backtest is also
     run on the other time axis (steps or lr) and both are reported under ``axes``. ``axis``:
     the run's time axis when the caller has it already (else resolved from the store and config).
+    ``progress(stage, done, total)``: called as the backtest's fit ("backtest fit") and its
+    evaluation ("backtest") advance, per batch and per chunk.
     """
     store = RunStore.open(store_url)
     steps = store.steps
@@ -60,7 +64,7 @@ def backtest(
             raise ForecastError(f"{store_url}: too few checkpoints to backtest forecasters of ratio {rho:.4g}")
         b = fits[-1]
     try:
-        report = _evaluate(store, axis, b, config, forecasters)
+        report = _evaluate(store, axis, b, config, forecasters, progress)
     except ForecastError as e:
         most = float(np.sqrt(max_ratio(times)))
         raise ForecastError(
@@ -74,7 +78,7 @@ def backtest(
             why = standstill(other, steps)
             if why:
                 raise ForecastError(why)
-            axes[other.name] = _summary(_evaluate(store, other, b, config, None))
+            axes[other.name] = _summary(_evaluate(store, other, b, config, None, progress, f" ({other.name} axis)"))
         except ForecastError as e:
             axes[other.name] = {"error": str(e)}
     return report | {
@@ -88,14 +92,16 @@ def _summary(report: dict) -> dict:
     return {k: report[k] for k in keys}
 
 
-def _evaluate(store: RunStore, axis: TimeAxis, b: int, config: FitConfig, fc: Forecasters | None) -> dict:
+def _evaluate(store: RunStore, axis: TimeAxis, b: int, config: FitConfig, fc: Forecasters | None,
+              progress: Callable[[str, int, int], None] | None = None, label: str = "") -> dict:
     """Fit on rows 0..b (unless ``fc`` is given), forecast on ``axis``, compare with the real weights."""
     steps = store.steps
     times = axis.times(steps)
     t0, tn = times[0], times[-1]
     rho = fc.rho if fc is not None else (tn - t0) / (times[b] - t0)
     T = t0 + rho * (times[b] - t0)
-    fc = fc or fit_store(store, b + 1, rho, config, axis=axis)
+    fit_progress = (lambda d, n: progress(f"backtest fit{label}", d, n)) if progress else None
+    fc = fc or fit_store(store, b + 1, rho, config, axis=axis, progress=fit_progress)
 
     truth = interp_at(times, T)
     seen = times[: b + 1]
@@ -110,6 +116,7 @@ def _evaluate(store: RunStore, axis: TimeAxis, b: int, config: FitConfig, fc: Fo
     excluded = sorted(set(fc.excluded) | {n for n in store.nonfinite() if store.tensors[n].kind == "float"})
     sums = {name: dict.fromkeys(METHODS, 0.0) for name, m in store.tensors.items() if m.kind == "float" and name not in excluded}
     counts = dict.fromkeys(sums, 0)
+    n_chunks, done = sum(store.tensors[n].plan.n_chunks for n in sums), 0
     for name in sums:
         m = store.tensors[name]
         for i in range(m.plan.n_chunks):
@@ -129,6 +136,9 @@ def _evaluate(store: RunStore, axis: TimeAxis, b: int, config: FitConfig, fc: Fo
             for meth, p in preds.items():
                 sums[name][meth] += float((p - real).abs().sum())
             counts[name] += hi - lo
+            done += 1
+            if progress:
+                progress(f"backtest{label}", done, n_chunks)
     total = sum(counts.values())
     if not total:
         raise ForecastError(f"{store.url}: nothing to backtest (all float tensors excluded: {excluded})")

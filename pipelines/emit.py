@@ -18,7 +18,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -72,11 +72,14 @@ def emit(
     config: EmitConfig = EmitConfig(),
     report: dict | None = None,
     forecasters: Forecasters | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> EmitResult:
     """Forecast ``target_step`` (or ``ratio``) and write it into ``out``.
 
     Uses ``forecasters`` when given (from ``farcast fit``, fitted on this run's steps for this
     target), else fits them on the whole run. ``report`` is the backtest, computed if absent.
+    ``progress(stage, done, total)``: called as the backtest, the fit ("fit", per batch) and the
+    writing ("write", per chunk written) advance.
     """
     store = RunStore.open(store_url)
     axis = time_axis(store, fit_config)
@@ -92,7 +95,8 @@ def emit(
                 f"{forecasters.steps[0]}..{forecasters.steps[-1]}, not ratio {rho:.4g} ({axis.name} axis) on steps "
                 f"{store.steps[0]}..{store.steps[-1]}; refit with 'farcast fit'"
             )
-    report = report or backtest(store.url, target_step=target, config=fit_config, compare_axes=False, axis=axis)
+    report = report or backtest(store.url, target_step=target, config=fit_config, compare_axes=False, axis=axis,
+                                progress=progress)
     f, p = report["methods"]["farcast"]["mae"], report["methods"]["persistence"]["mae"]
     if not f < p and not config.allow_worse:
         raise ForecastError(
@@ -100,9 +104,14 @@ def emit(
             f"persistence MAE {p:.4e} (ratio {report['farcast_vs_persistence']:.3f}); not emitted. "
             "Try a smaller ratio, or pass --allow-worse to emit anyway"
         )
-    fc = forecasters or fit_store(store, len(store.steps), rho, fit_config, axis=axis)
+    fc = forecasters or fit_store(store, len(store.steps), rho, fit_config, axis=axis,
+                                  progress=(lambda d, n: progress("fit", d, n)) if progress else None)
     fit_config = fc.config
     forecast = Forecast(store, fc, config.nonfinite)
+    if progress:  # every chunk is computed once per weights file written (twice where a copy goes beside it)
+        passes = 2 if store.layout == "dcp" or len(finals) > 1 or (
+            store.layout in ("hf", "dirs") and not any(s.suffix == ".safetensors" for s in sources)) else 1
+        forecast.on_chunk = _counter(progress, "write", passes * sum(m.plan.n_chunks for m in store.tensors.values()))
     metadata = {
         "farcast": json.dumps({
             "version": VERSION, "method": "farcast-1layer", "config": fit_config.to_json(),
@@ -131,6 +140,21 @@ def emit(
                 files.append(finals[1].name)
             path = staged.commit()
     return EmitResult(path, target, report, files)
+
+
+def _counter(progress: Callable[[str, int, int], None], stage: str, total: int) -> Callable[[], None]:
+    """A callback that counts calls (from any thread) and reports them as ``progress(stage, n, total)``."""
+    import threading
+
+    lock, n = threading.Lock(), 0
+
+    def tick() -> None:
+        nonlocal n
+        with lock:
+            n += 1
+            progress(stage, min(n, total), total)
+
+    return tick
 
 
 def check_request(ckpt_dir: str | os.PathLike, out: str | os.PathLike, target_step: int | None,
@@ -233,9 +257,16 @@ class Forecast:
         not_forecast = {n for n, m in store.tensors.items() if m.kind == "float" and n not in forecast}
         self.copy_row = copy_rows(store, not_forecast, nonfinite)  # tensor -> row copied, where not the newest
         self.copied_from = {n: store.steps[r] for n, r in self.copy_row.items()}
+        self.on_chunk: Callable[[], None] | None = None  # called after each chunk is computed (progress)
 
     def chunk(self, m: TensorMeta, i: int) -> np.ndarray:
         """Chunk ``i`` of tensor ``m`` at the target step, in the store's representation."""
+        values = self._chunk(m, i)
+        if self.on_chunk:
+            self.on_chunk()
+        return values
+
+    def _chunk(self, m: TensorMeta, i: int) -> np.ndarray:
         lo, hi = m.plan.bounds(i)
         k = self.row_of.get((m.name, i))
         if k is None:  # buffers and excluded tensors: the newest (finite) values, bit for bit

@@ -22,7 +22,7 @@ from farcast_core.errors import ForecastError, StoreError
 from farcast_core.forecaster import FitConfig, Forecasters, Moments, default_device, reduce_values, solve
 from farcast_core.sampling import chunk_seed, sample_index
 from farcast_core.timeaxis import STEPS, TimeAxis
-from storage.artifacts import default_forecaster_path, save_forecasters
+from storage.artifacts import default_forecaster_path, forecaster_name, save_forecasters
 from storage.lock import StoreLock
 from storage.store import RunStore
 from storage.checkpoints import is_inside
@@ -244,15 +244,19 @@ def fit(
 ) -> tuple[Forecasters, Path, int]:
     """Fit on every committed step and save the forecasters; returns (forecasters, path, target step).
 
-    ``out`` (default: beside the store, replaced by a refit) is checked before fitting: never
+    The file is ``target_<step>.safetensors`` in the directory ``out`` (default: beside the store,
+    ``<store>.forecasters/``, where a refit replaces it). ``out`` is checked before fitting: never
     inside the run's directory or the store, and an existing file is replaced only with ``force``.
     """
     store = RunStore.open(store_url)
     axis = time_axis(store, config)
     rho, target = resolve_target(store.steps, target_step, ratio, axis)
+    if out is not None and Path(out).is_file():
+        raise StoreError(f"--out {out} is a file; --out names the directory to save the forecasters in "
+                         f"(as target_{target}.safetensors)")
+    path = Path(out) / forecaster_name(target) if out else default_forecaster_path(str(store_url), target)
     # the default file beside the store is farcast's own: a refit replaces it
-    path = check_forecaster_path(store, Path(out) if out else default_forecaster_path(str(store_url), target),
-                                 force or out is None)
+    path = check_forecaster_path(store, path, force or out is None)
     fc = fit_store(store, len(store.steps), rho, config, progress=progress, axis=axis)
     save(store, fc, path, target)
     return fc, path, target
@@ -268,7 +272,7 @@ def check_forecaster_path(store: RunStore, path: Path, force: bool) -> Path:
     if local and is_inside(path, store.url.removeprefix("file://")):
         raise ForecastError(f"--out {path} is inside the store {store.url}; save the forecasters elsewhere")
     if path.is_dir():
-        raise StoreError(f"--out {path} is a directory; --out names the forecaster file to write")
+        raise StoreError(f"{path} is a directory; move it away or choose another --out")
     if path.exists() and not force:
         raise StoreError(f"{path}: already exists; pass --force to replace it, or choose another --out")
     check_writable_dir(path.parent)

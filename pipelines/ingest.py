@@ -31,6 +31,7 @@ from storage.checkpoints import (
     Checkpoint, Discovery, TensorInfo, discover, file_manifest, is_inside, manifest_change, open_checkpoint,
 )
 from storage.lock import StoreLock
+from storage.runs import default_store, remember_store, store_for
 from storage.schedules import read_schedule_facts
 from storage.store import RunStore, TensorMeta, array_path, check_store_path
 
@@ -83,7 +84,9 @@ def ingest(
     with StoreLock(store_url):
         store = RunStore.open_or_create(store_url, root, found.layout, {"memory_budget_mb": config.memory_budget_mb})
         store.sweep()
-        return _ingest_locked(found, store, config, on_step)
+        report = _ingest_locked(found, store, config, on_step)
+    remember_store(root, store_url)  # later commands given the checkpoint directory find this store
+    return report
 
 
 def _ingest_locked(found: Discovery, store: RunStore, config: IngestConfig, on_step) -> IngestReport:
@@ -262,13 +265,12 @@ def _write_step(c: Checkpoint, row: int, store: RunStore, config: IngestConfig, 
     return sorted(flagged), nbytes
 
 
-def default_store(ckpt_dir: str | os.PathLike) -> Path:
-    """A per-run store outside the checkpoint directory: ~/.cache/farcast/stores/<name>-<hash>."""
-    import hashlib
+def steps_text(steps: list[int], show: int = 6) -> str:
+    """[0, 3, 6] when short; else the first and last few: [0, 3, 6, ..., 174, 177, 180]."""
+    if len(steps) <= show:
+        return str(steps)
+    head, tail = steps[: show // 2], steps[-(show // 2):]
+    return f"[{', '.join(map(str, head))}, ..., {', '.join(map(str, tail))}]"
 
-    root = Path(ckpt_dir).resolve()
-    base = Path(os.environ.get("FARCAST_HOME", Path.home() / ".cache" / "farcast"))
-    return base / "stores" / f"{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:10]}"
 
-
-__all__ = ["IngestConfig", "IngestReport", "default_store", "ingest"]
+__all__ = ["IngestConfig", "IngestReport", "default_store", "ingest", "steps_text", "store_for"]

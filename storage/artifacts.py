@@ -17,7 +17,12 @@ from storage.writers import save_safetensors
 def default_forecaster_path(store_url: str, target_step: int) -> Path:
     """Where `farcast fit` saves by default: beside the store (a local path)."""
     p = Path(str(store_url).removeprefix("file://"))
-    return p.parent / f"{p.name}.forecasters" / f"target_{target_step}.safetensors"
+    return p.parent / f"{p.name}.forecasters" / forecaster_name(target_step)
+
+
+def forecaster_name(target_step: int) -> str:
+    """The file name of forecasters fitted for ``target_step`` (in --out, or beside the store)."""
+    return f"target_{target_step}.safetensors"
 
 
 def save_forecasters(fc: Forecasters, path: str | os.PathLike, extra: dict | None = None) -> Path:

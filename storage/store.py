@@ -9,7 +9,11 @@ Layout (all metadata is JSON in ``zarr.json`` files, readable without farcast):
         tensors  {name: {path, shape, dtype, kind, chunk}}
         steps    the commit record: [{step, sources, nonfinite}, ...] (row i of every array)
     <store>/params/<name>/      one array per tensor, shape (rows, numel), chunks (1, chunk),
-                                uncompressed; bf16/fp8 as exact uint16/uint8 bit patterns
+                                uncompressed; bf16/fp8 as exact uint16/uint8 bit patterns;
+                                dimension names ("step", "<name>.i")
+    <store>/step, <store>/params/step
+                                the step of each row (int64, -1 on a row not yet committed): the
+                                ``step`` coordinate that xarray.open_zarr(store, group="params") shows
     <store>/sample/             the values the fit samples (farcast_core.sampling.SampleLayout):
                                 shape (rows, width), one chunk per row, float32 (float64 if a
                                 tensor is), described by root attribute ``sample`` {size, seed,
@@ -47,6 +51,7 @@ VERSION = "0.1.0"
 TMP_DIR = ".farcast-tmp"  # chunk files being written (local stores); removed by the next writer
 OURS = {LOCK_NAME, TMP_DIR}  # entries of a store directory that are farcast's, not zarr's
 SAMPLE_CHUNK = 1 << 20  # columns per chunk of the sample array (a fit task reads the span of its batch)
+STEP_ARRAYS = ("step", "params/step")  # the step coordinate, beside the sample array and beside the tensors
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ class TensorMeta:
 def array_path(name: str) -> str:
     """A Zarr node path for a tensor name ('/' escaped; Zarr reserves a leading '__')."""
     p = quote(name, safe=".-_")
+    if p == "step":  # params/step is the step coordinate
+        return "params/%73tep"
     return "params/" + ("%5F" + p[1:] if p.startswith("__") else p)
 
 
@@ -196,7 +203,8 @@ class RunStore:
             layout = _sample_layout(floats, *sample)
             dtype = "float64" if any(m.dtype == "float64" for m in floats) else "float32"
             self.group.create_array("sample", shape=(0, layout.width), chunks=(1, min(layout.width, SAMPLE_CHUNK)),
-                                    dtype=dtype, fill_value=0, compressors=None, overwrite=True)
+                                    dtype=dtype, fill_value=0, compressors=None, overwrite=True,
+                                    dimension_names=("step", "sample.i"))
             self._sample_meta = {"size": sample[0], "seed": sample[1], "dtype": dtype, "width": layout.width}
             self._sample = layout
         for m in metas:
@@ -209,7 +217,11 @@ class RunStore:
                 compressors=None,  # weights barely compress (~10% with Zstd); speed wins
                 attributes=asdict(m),
                 overwrite=True,  # leftovers of an interrupted first ingest
+                dimension_names=("step", m.path.split("/", 1)[1] + ".i"),
             )
+        for path in STEP_ARRAYS:  # 1024 steps per chunk: a run's rows rarely span more than one chunk file
+            self.group.create_array(path, shape=(0,), chunks=(1024,), dtype="int64", fill_value=-1,
+                                    overwrite=True, dimension_names=("step",))
         self._arrays, self._tensors = {}, {m.name: m for m in metas}
 
     def reserve(self, rows: int) -> None:
@@ -221,6 +233,13 @@ class RunStore:
         a = self._sample_array()
         if a is not None and a.shape[0] != rows:
             a.resize((rows, a.shape[1]))
+        for a in self._step_arrays():
+            if a.shape[0] != rows:
+                a.resize((rows,))
+
+    def _step_arrays(self) -> list[zarr.Array]:
+        """The step coordinate arrays (absent from stores written before farcast 0.1.0 had them)."""
+        return [self._node(p) for p in STEP_ARRAYS if p in self.group]
 
     @property
     def schedule(self) -> dict | None:
@@ -240,6 +259,10 @@ class RunStore:
                 f"{self.url}: changed by another writer while step {record['step']} was being written "
                 f"(it now holds {len(steps)} steps, this writer filled row {row}); nothing was committed: rerun"
             )
+        for a in self._step_arrays():  # before the record (a reader trusts only committed rows), after the check
+            if a.shape[0] <= row:
+                a.resize((row + 1,))
+            a[row] = record["step"]
         attrs = fresh | {"steps": steps + [record], "schedule": schedule}
         if not steps:
             attrs["tensors"] = {n: asdict(m) for n, m in self.tensors.items()}

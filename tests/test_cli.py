@@ -58,7 +58,63 @@ def test_truncated_file_names_file_and_tensor(safetensors_run, tmp_path):
 
 
 def test_long_step_lists_are_shortened():
-    from flows.cli import _steps_text
+    from pipelines.ingest import steps_text as _steps_text
 
     assert _steps_text([0, 3, 6]) == "[0, 3, 6]"
     assert _steps_text(list(range(0, 181, 3))) == "[0, 3, 6, ..., 174, 177, 180]"
+
+
+def test_commands_given_the_run_directory_reuse_the_store_ingest_made(tmp_path, monkeypatch):
+    """fit, backtest and emit take the checkpoint directory and use the store of the earlier 'ingest --store':
+    no second copy of the run under FARCAST_HOME; steps saved since are ingested into it first."""
+    from pipelines.demo import write_digits_run
+
+    monkeypatch.setenv("FARCAST_HOME", str(tmp_path / "home"))
+    run = write_digits_run(tmp_path / "run", steps=30, every=5)
+    store = tmp_path / "mystore"
+    assert CliRunner().invoke(main, ["ingest", str(run), "--store", str(store)]).exit_code == 0
+    r = CliRunner().invoke(main, ["fit", str(run), "--ratio", "1.5", "--json"])
+    assert r.exit_code == 0, r.output
+    fitted = json.loads(r.stdout)
+    assert fitted["store"] == str(store) and fitted["target_step"] == 45 and Path(fitted["forecasters"]).is_file()
+    r = CliRunner().invoke(main, ["backtest", str(run), "--ratio", "1.5", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["target_step"] == 45
+    r = CliRunner().invoke(main, ["emit", str(run), "--out", str(tmp_path / "out"), "--ratio", "1.5", "--allow-worse",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["emitted"] == str(tmp_path / "out" / "step_000045.safetensors")
+    assert not (tmp_path / "home" / "stores").exists()  # no default store was built
+    r = CliRunner().invoke(main, ["emit", str(run), "--store", str(store), "--out", str(tmp_path / "o2"), "--ratio", "1.5"])
+    assert r.exit_code == 0 or "worse" in r.stderr  # --store with a run directory is accepted
+    r = CliRunner().invoke(main, ["fit", str(store), "--store", str(store), "--ratio", "1.5"])
+    assert r.exit_code == 2 and "--store goes with a checkpoint directory" in r.stderr
+
+
+def test_progress_bars_only_on_a_terminal(tmp_path, monkeypatch):
+    """Each stage's bar reaches its total on a terminal; no bar when stderr is not one, or with --quiet."""
+    import io
+
+    from flows.cli import Bars
+    from pipelines.demo import write_digits_run
+    from pipelines.emit import EmitConfig, emit
+    from pipelines.ingest import ingest
+
+    run = write_digits_run(tmp_path / "run", steps=30, every=5)
+    ingest(run, tmp_path / "s")
+    seen: dict[str, tuple[int, int]] = {}
+    emit(tmp_path / "s", tmp_path / "o", ratio=1.5, config=EmitConfig(allow_worse=True),
+         progress=lambda stage, done, total: seen.__setitem__(stage, (done, total)))
+    assert set(seen) == {"backtest fit", "backtest", "fit", "write"}
+    assert all(done == total > 0 for done, total in seen.values()), seen
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    for tty, quiet, shown in ((True, False, True), (True, True, False), (False, False, False)):
+        err = Tty() if tty else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        bars = Bars(quiet)
+        for i in range(1, 4):
+            bars("write", i, 3)
+        assert ("write: 100%" in err.getvalue()) == shown and not bars.bars

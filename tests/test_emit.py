@@ -325,7 +325,7 @@ def test_run_command_json_and_errors(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["run", str(run), "--out", str(tmp_path / "out"), "--ratio", "1.5"])
     assert r.exit_code == 2 and "already exists" in r.stderr
     r = CliRunner().invoke(main, ["emit", str(tmp_path / "nostore"), "--out", str(tmp_path / "o"), "--ratio", "2"])
-    assert r.exit_code == 2 and "no farcast store here" in r.stderr
+    assert r.exit_code == 2 and "no such directory" in r.stderr and "a store made by 'farcast ingest'" in r.stderr
 
 
 def test_errors_are_farcast_errors():

@@ -404,14 +404,17 @@ def test_repro_3_fit_out_never_overwrites_a_checkpoint(run, tmp_path):
     ingest(run, tmp_path / "store")
     newest = run / "step_000060.safetensors"
     before = newest.read_bytes()
-    one_line_error(cli("fit", tmp_path / "store", "--ratio", 1.5, "--out", newest, "--sample", 256),
+    one_line_error(cli("fit", tmp_path / "store", "--ratio", 1.5, "--out", run, "--sample", 256),
                    "inside the checkpoint directory")
+    one_line_error(cli("fit", tmp_path / "store", "--ratio", 1.5, "--out", newest, "--sample", 256),
+                   "is a file")
     assert newest.read_bytes() == before
-    ok = cli("fit", tmp_path / "store", "--ratio", 1.5, "--out", tmp_path / "f.safetensors", "--sample", 256)
+    ok = cli("fit", tmp_path / "store", "--ratio", 1.5, "--out", tmp_path / "fc", "--sample", 256)
     assert ok.returncode == 0, ok.stderr
-    one_line_error(cli("fit", tmp_path / "store", "--ratio", 1.5, "--out", tmp_path / "f.safetensors"),
+    assert (tmp_path / "fc" / "target_90.safetensors").is_file()
+    one_line_error(cli("fit", tmp_path / "store", "--ratio", 1.5, "--out", tmp_path / "fc"),
                    "already exists", "--force")
-    assert cli("fit", tmp_path / "store", "--ratio", 1.5, "--out", tmp_path / "f.safetensors", "--force",
+    assert cli("fit", tmp_path / "store", "--ratio", 1.5, "--out", tmp_path / "fc", "--force",
                "--sample", 256).returncode == 0
 
 

@@ -39,7 +39,7 @@ def test_real_adam_run_beats_persistence_at_ratio_2(adam_store):
 
 
 def test_fit_saves_forecasters_with_their_config(adam_store, tmp_path):
-    fc, path, target = fit(adam_store, target_step=90, config=FAST, out=tmp_path / "f.safetensors")
+    fc, path, target = fit(adam_store, target_step=90, config=FAST, out=tmp_path / "fc")
     assert target == 90 and fc.rho == pytest.approx(1.5)
     store = RunStore.open(adam_store)
     floats = [m for m in store.tensors.values() if m.kind == "float"]
@@ -123,8 +123,8 @@ def test_backtest_command_on_a_checkpoint_dir_and_fit_command(tmp_path, monkeypa
     assert json.loads(r.stdout)["target_step"] == 45
     stores = list((tmp_path / "home" / "stores").iterdir())
     assert len(stores) == 1
-    r = CliRunner().invoke(main, ["fit", str(stores[0]), "--ratio", "1.5", "--out", str(tmp_path / "f.safetensors")])
-    assert r.exit_code == 0 and (tmp_path / "f.safetensors").is_file()
+    r = CliRunner().invoke(main, ["fit", str(stores[0]), "--ratio", "1.5", "--out", str(tmp_path / "fc")])
+    assert r.exit_code == 0 and (tmp_path / "fc" / "target_45.safetensors").is_file()
     r = CliRunner().invoke(main, ["fit", str(stores[0])])
     assert r.exit_code == 2 and "exactly one of --target-step or --ratio" in r.stderr
 

@@ -46,7 +46,7 @@ def test_dask_local_cluster_matches_threads(prefect_harness, run_dir, tmp_path):
     fit_cfg = FitConfig.from_json(cfg).to_json()
     t = with_runner(farcast_flow, "threads")(str(run_dir), str(tmp_path / "t"), ratio=1.5, store=str(tmp_path / "st"),
                                              fit_config=fit_cfg, emit_config=ANY)
-    d = with_runner(farcast_flow, "dask", workers=2)(str(run_dir), str(tmp_path / "d"), ratio=1.5,
+    d = with_runner(farcast_flow, "dask", workers=2, dask_processes=True)(str(run_dir), str(tmp_path / "d"), ratio=1.5,
                                                      store=str(tmp_path / "sd"), fit_config=fit_cfg, emit_config=ANY)
     name = "step_000090.safetensors"
     assert (tmp_path / "t" / name).read_bytes() == (tmp_path / "d" / name).read_bytes()
@@ -88,8 +88,12 @@ def test_serve_deployment_schedule_and_nothing_new(prefect_harness, run_dir, tmp
     first = farcast_flow(**params)
     assert first["status"] == "emitted"
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    second = farcast_flow(**params)
-    assert second["status"] == "nothing new"
+    second = farcast_flow(**params, return_state=True)
+    assert second.result()["status"] == "nothing new"
+    assert second.is_completed() and "no new checkpoint" in second.message  # a no-op run says so in its state
+    # scheduled runs never overlap: a run that finds one in flight is cancelled
+    assert dep.global_concurrency_limit.limit == 1
+    assert dep.concurrency_options.collision_strategy == "CANCEL_NEW"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == written
 
 
@@ -116,7 +120,17 @@ def test_artifacts_are_created(prefect_harness, run_dir, tmp_path):
             return await client.read_artifacts(artifact_filter=ArtifactFilter(
                 key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
 
-    table = asyncio.run(read("farcast-backtest"))
-    assert table and table[0].type == "table" and "farcast" in str(table[0].data)
-    md = asyncio.run(read("farcast-emitted"))
+    from flows.flows import artifact_key
+
+    key = artifact_key("backtest", str(run_dir))
+    assert key.startswith("farcast-backtest-run-") and key != artifact_key("backtest", str(tmp_path / "run"))
+    table = asyncio.run(read(key))
+    assert table and table[0].type == "table"
+    rows = json.loads(table[0].data) if isinstance(table[0].data, str) else table[0].data
+    farcast_row = next(r for r in rows if r["method"] == "farcast")
+    assert len(farcast_row["vs persistence"]) == 5 and float(farcast_row["vs persistence"]) > 0  # 0.459, not 0.45912...
+    md = asyncio.run(read(artifact_key("emitted", str(run_dir))))
     assert md and str(tmp_path / "o") in md[0].data
+    for stage in ("ingest", "fit", "backtest-fit", "write"):  # progress artifacts, each at 100% when the run ends
+        bar = asyncio.run(read(artifact_key(stage, str(run_dir))))
+        assert bar and bar[0].type == "progress" and float(bar[0].data) == 100.0, stage

@@ -269,3 +269,40 @@ def test_reading_chunk_files_directly_equals_zarrs_reads(tmp_path, dtype, monkey
         got = store.read_sample([2, 0], start, stop)
         want = np.stack([sample[r, start:stop] for r in (2, 0)])
         assert got.dtype == want.dtype and np.array_equal(got, want), (start, stop)
+
+
+def test_store_opens_with_xarray_and_dask(safetensors_run, tmp_path, digits):
+    """xarray sees every tensor with a step coordinate; dask reads the same values; a tensor named 'step' keeps its data."""
+    import dask.array as da
+    import xarray as xr
+
+    states = [(s, {**sd, "step": sd["0.bias"] * 2}) for s, sd in digits]  # a tensor named like the coordinate
+    run = tmp_path / "run2"
+    run.mkdir()
+    for step, sd in states:
+        save_file(sd, run / f"step_{step:06d}.safetensors")
+    store = tmp_path / "store"
+    ingest(run, store, SMALL)
+    ds = xr.open_zarr(store, group="params", consolidated=False)
+    assert ds["step"].values.tolist() == [0, 3, 6, 9, 12]
+    w = ds["0.weight"]
+    assert w.dims == ("step", "0.weight.i") and w.shape == (5, 32 * 64)
+    np.testing.assert_array_equal(w.sel(step=6).values, states[2][1]["0.weight"].numpy().ravel())
+    np.testing.assert_array_equal(ds["%73tep"].sel(step=12).values, states[4][1]["step"].numpy().ravel())
+    root = xr.open_zarr(store, consolidated=False)
+    assert root["sample"].dims == ("step", "sample.i") and root["step"].values.tolist() == [0, 3, 6, 9, 12]
+    a = da.from_zarr(str(store), component="params/0.weight")
+    np.testing.assert_array_equal(a[1].compute(), states[1][1]["0.weight"].numpy().ravel())
+
+
+def test_uncommitted_rows_show_step_minus_one(safetensors_run, tmp_path):
+    """Rows reserved by an ingest that died before committing them are marked -1 in the step coordinate."""
+    store_path = tmp_path / "store"
+    ingest(safetensors_run, store_path, SMALL)
+    s = RunStore.open(store_path)
+    s.reserve(7)
+    import xarray as xr
+
+    ds = xr.open_zarr(store_path, group="params", consolidated=False)
+    assert ds["step"].values.tolist() == [0, 3, 6, 9, 12, -1, -1]
+    assert RunStore.open(store_path).steps == [0, 3, 6, 9, 12]
