@@ -15,8 +15,19 @@ from storage.writers import save_safetensors
 
 
 def default_forecaster_path(store_url: str, target_step: int) -> Path:
-    """Where `farcast fit` saves by default: beside the store (a local path)."""
-    p = Path(str(store_url).removeprefix("file://"))
+    """Where `farcast fit` saves by default: beside a local store; under $FARCAST_HOME/forecasters for a
+    store at a remote URL (s3://...)."""
+    url = str(store_url)
+    if "://" in url and not url.startswith("file://"):  # a remote store: a local folder per store URL
+        import hashlib
+        import re
+
+        from storage.runs import farcast_home
+
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", url.split("://", 1)[1]).strip("-")[-60:]
+        key = f"{slug}-{hashlib.sha1(url.encode()).hexdigest()[:10]}"
+        return farcast_home() / "forecasters" / key / forecaster_name(target_step)
+    p = Path(url.removeprefix("file://"))
     return p.parent / f"{p.name}.forecasters" / forecaster_name(target_step)
 
 

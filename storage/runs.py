@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 
-def _home() -> Path:
+def farcast_home() -> Path:
     return Path(os.environ.get("FARCAST_HOME", Path.home() / ".cache" / "farcast"))
 
 
@@ -26,7 +26,7 @@ def _key(ckpt_dir: str | os.PathLike) -> tuple[Path, str]:
 
 def default_store(ckpt_dir: str | os.PathLike) -> Path:
     """A per-run store outside the checkpoint directory: $FARCAST_HOME/stores/<name>-<hash>."""
-    return _home() / "stores" / _key(ckpt_dir)[1]
+    return farcast_home() / "stores" / _key(ckpt_dir)[1]
 
 
 def remember_store(ckpt_dir: str | os.PathLike, store_url: str | os.PathLike) -> None:
@@ -37,7 +37,7 @@ def remember_store(ckpt_dir: str | os.PathLike, store_url: str | os.PathLike) ->
         url = str(Path(url).resolve())
     if Path(url) == default_store(root):
         return
-    path = _home() / "runs" / f"{key}.json"
+    path = farcast_home() / "runs" / f"{key}.json"
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +51,7 @@ def store_for(ckpt_dir: str | os.PathLike) -> str:
     """The store the last ``ingest --store`` used for ``ckpt_dir`` while it still exists, else the default store."""
     root, key = _key(ckpt_dir)
     try:
-        rec = json.loads((_home() / "runs" / f"{key}.json").read_text())
+        rec = json.loads((farcast_home() / "runs" / f"{key}.json").read_text())
     except (OSError, ValueError):
         rec = {}
     url = rec.get("store") if rec.get("source") == str(root) else None
