@@ -98,18 +98,20 @@ class Schedule:
     warmup: int = 0
     total: int | None = None
     options: dict = field(default_factory=dict)
+    peak_known: bool = True  # False: stated without --peak-lr (1.0 stands in; only the shape matters)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "peak_lr": self.peak_lr, "warmup": self.warmup, "total": self.total,
-                "options": dict(self.options)}
+        return {"name": self.name, "peak_lr": self.peak_lr if self.peak_known else None, "warmup": self.warmup,
+                "total": self.total, "options": dict(self.options)}
 
     @classmethod
     def from_json(cls, d: dict) -> "Schedule":
         return cls(d["name"], float(d.get("peak_lr") or 1.0), int(d.get("warmup") or 0),
-                   None if d.get("total") is None else int(d["total"]), dict(d.get("options") or {}))
+                   None if d.get("total") is None else int(d["total"]), dict(d.get("options") or {}),
+                   peak_known=bool(d.get("peak_lr")))
 
     def describe(self) -> str:
-        parts = [self.name, f"peak lr {self.peak_lr:.4g}"]
+        parts = [self.name, f"peak lr {self.peak_lr:.4g}" if self.peak_known else "peak lr not stated (shape only)"]
         if self.warmup:
             parts.append(f"warm-up {self.warmup}")
         if self.total is not None:

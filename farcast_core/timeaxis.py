@@ -175,7 +175,7 @@ def _with_lr_init(s: Schedule) -> Schedule:
     """transformers' polynomial schedule is relative to the optimizer's initial lr: the peak."""
     if s.name != "polynomial":
         return s
-    return Schedule(s.name, s.peak_lr, s.warmup, s.total, {"lr_init": s.peak_lr, **s.options})
+    return Schedule(s.name, s.peak_lr, s.warmup, s.total, {"lr_init": s.peak_lr, **s.options}, s.peak_known)
 
 
 # ----------------------------------------------------------------- what checkpoints recorded

@@ -227,7 +227,7 @@ def _fit_config(lam, features, cuts, sample, seed, axis="auto", schedule_name=No
                 opts[key.strip()] = json.loads(value)
             except ValueError:
                 opts[key.strip()] = value
-        schedule = {"name": schedule_name, "peak_lr": peak_lr or 1.0, "warmup": warmup_steps, "total": total_steps,
+        schedule = {"name": schedule_name, "peak_lr": peak_lr, "warmup": warmup_steps, "total": total_steps,
                     "options": opts}
         stated_schedule(schedule)  # refuse an unusable schedule before any work
     elif peak_lr is not None or total_steps is not None or schedule_options:

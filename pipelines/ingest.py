@@ -119,8 +119,13 @@ def _ingest_locked(found: Discovery, store: RunStore, config: IngestConfig, on_s
         _check_same(c, info, expected)
     report.tensors = len(expected)
     if not have and new[0].step != 0:
+        first = new[0].step
         report.warnings.append(
-            f"the earliest checkpoint is step {new[0].step}, not 0: it is taken as the initial weights w(s_0)"
+            f"the earliest checkpoint is step {first}, not 0: it stands in for the initial weights w(s_0), which is "
+            "fine (the backtest measures the forecasts as they are). "
+            + ("The Trainer saves no step 0: to give farcast the real initial weights, save them before training "
+               "with model.save_pretrained(f'{output_dir}/checkpoint-0')" if found.layout == "hf" else
+               "To give farcast the real initial weights, save a checkpoint at step 0 beside the others")
         )
 
     store.reserve(len(have) + len(new))

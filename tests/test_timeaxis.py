@@ -256,6 +256,10 @@ def test_cli_axis_options(cosine_run, tmp_path):
     r = runner.invoke(main, ["fit", store, "--target-step", "30", "--schedule", "linear", "--total-steps", "30"])
     assert r.exit_code == 0, r.output
     assert "linear" in r.output and "the stated schedule" in r.output
+    assert "peak lr not stated" in r.output and "peak lr 1," not in r.output  # no made-up peak rate
+    r = runner.invoke(main, ["fit", store, "--target-step", "30", "--schedule", "linear", "--total-steps", "30",
+                             "--peak-lr", "3e-4", "--force"])
+    assert r.exit_code == 0 and "peak lr 0.0003" in r.output
 
 
 def test_lr_axis_refused_when_the_run_records_no_schedule(tmp_path):
