@@ -39,3 +39,25 @@ def test_demo_refuses_a_directory_it_did_not_make(tmp_path):
     with pytest.raises(FarcastError, match="not made by 'farcast demo'"):
         run_demo(tmp_path, steps=80, every=10)
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_plot_x_axis_is_optimizer_steps_spent(tmp_path, monkeypatch):
+    """The resumed curve starts where farcast stopped observing (the jump is free) and ends where the plain
+    run ends; the steps saved are the distance between the two at the goal loss."""
+    import matplotlib.figure
+
+    from storage.plots import plot_demo
+
+    plain = {s: 1.0 - s / 500 for s in range(0, 401, 20)}
+    resumed = {s: 0.2 - (s - 400) / 1000 for s in range(400, 601, 20)}
+    summary = {"observed_until": 200, "target_step": 400, "goal_loss": plain[400], "plain_steps": 400,
+               "farcast_steps": 200, "steps_saved": 200, "speedup": 2.0}
+    drawn = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, path, **kw: drawn.update(lines={ln.get_label(): ln.get_xdata() for ln in fig.axes[0].lines},
+                                                             xlabel=fig.axes[0].get_xlabel(), xlim=fig.axes[0].get_xlim()))
+    plot_demo(tmp_path / "p.png", {"plain": plain, "resumed": resumed, "summary": summary})
+    jump = next(x for label, x in drawn["lines"].items() if label.startswith("jump"))
+    assert drawn["xlabel"] == "optimizer steps spent"
+    assert jump[0] == 200 and jump[1] == 200 and jump[-1] == 400 == max(drawn["lines"]["plain training"])
+    assert drawn["xlim"] == (0, 400)
