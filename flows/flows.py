@@ -87,7 +87,7 @@ def ingest_task(ckpt_dir: str, store: str, allow_pickle: bool = False) -> dict:
     def on_step(step, done, total):
         nonlocal progress
         if progress is None:
-            progress = _ArtifactProgress(artifact_key("ingest", ckpt_dir), f"Ingesting checkpoints of {ckpt_dir}")
+            progress = _ArtifactProgress(artifact_key("progress-ingest", ckpt_dir), f"Ingesting checkpoints of {ckpt_dir}")
         progress(done, total)
 
     r = ingest_mod.ingest(ckpt_dir, store, ingest_mod.IngestConfig(allow_pickle=allow_pickle), on_step=on_step)
@@ -117,7 +117,7 @@ def backtest_task(store: str, target_step: int | None, ratio: float | None, fit_
 
     def progress(stage, done, total):
         if stage not in bars:
-            bars[stage] = _ArtifactProgress(artifact_key(stage.replace(" ", "-").split("(")[0].strip("-"), ckpt_dir),
+            bars[stage] = _ArtifactProgress(artifact_key("progress-" + stage.replace(" ", "-").split("(")[0].strip("-"), ckpt_dir),
                                             f"{stage.capitalize()}: {ckpt_dir or store}")
         bars[stage](done, total)
 
@@ -164,7 +164,7 @@ def emit_task(store: str, out: str, target_step: int, fit_config: dict, emit_con
     import contextvars
 
     fc, _ = load_forecasters(forecasters)
-    bar = _ArtifactProgress(artifact_key("write", ckpt_dir), f"Writing the forecast checkpoint into {out}")
+    bar = _ArtifactProgress(artifact_key("progress-write", ckpt_dir), f"Writing the forecast checkpoint into {out}")
     run_ctx = contextvars.copy_context()  # emit computes chunks on its own threads: update from this task's context
 
     def progress(stage, done, total):  # called under emit's lock, so the context is entered by one thread at a time
@@ -184,7 +184,7 @@ def emit_task(store: str, out: str, target_step: int, fit_config: dict, emit_con
 
 def _fit(store: str, target_step: int | None, ratio: float | None, cfg: dict, ckpt_dir: str | None = None) -> dict:
     plan = plan_fit_task(store, target_step, ratio, cfg)
-    progress = _ArtifactProgress(artifact_key("fit", ckpt_dir), f"Fitting chunk forecasters of {ckpt_dir or store}")
+    progress = _ArtifactProgress(artifact_key("progress-fit", ckpt_dir), f"Fitting chunk forecasters of {ckpt_dir or store}")
     futures = reduce_chunks_task.map(unmapped(store), unmapped(plan["n_rows"]), unmapped(plan["rho"]), unmapped(cfg),
                                   unmapped(plan["axis"]), plan["batches"])
     parts = []

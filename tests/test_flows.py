@@ -132,5 +132,5 @@ def test_artifacts_are_created(prefect_harness, run_dir, tmp_path):
     md = asyncio.run(read(artifact_key("emitted", str(run_dir))))
     assert md and str(tmp_path / "o") in md[0].data
     for stage in ("ingest", "fit", "backtest-fit", "write"):  # progress artifacts, each at 100% when the run ends
-        bar = asyncio.run(read(artifact_key(stage, str(run_dir))))
+        bar = asyncio.run(read(artifact_key("progress-" + stage, str(run_dir))))
         assert bar and bar[0].type == "progress" and float(bar[0].data) == 100.0, stage
