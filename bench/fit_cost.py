@@ -107,6 +107,7 @@ def timed(key, f):
 F.plan_fit = timed("plan", F.plan_fit)
 F.read_sampled = timed("read", F.read_sampled)
 F._chunk_values = timed("read", F._chunk_values)
+F._gather_sampled = timed("read", F._gather_sampled)
 F.reduce_values = timed("reduce", F.reduce_values)
 F.solve = timed("solve", F.solve)
 F.save_forecasters = timed("save", F.save_forecasters)

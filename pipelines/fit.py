@@ -134,12 +134,28 @@ def reduce_keys(
     metas = store.tensors
     if sampled is None:
         sampled = read_sampled(store, plan, config, keys)
-    values = [_chunk_values(store, plan.pairs, metas[name], i, config, sampled) for name, i in keys]
-    W = torch.zeros(len(values), len(plan.pairs.rows), max(v.shape[1] for v in values), dtype=torch.float64)
-    mask = torch.zeros(W.shape[0], W.shape[2], dtype=torch.bool)
-    for k, v in enumerate(values):
-        W[k, :, : v.shape[1]], mask[k, : v.shape[1]] = v, True
+    if sampled is not None:
+        W, mask = _gather_sampled(store, keys, sampled)
+    else:
+        values = [_chunk_values(store, plan.pairs, metas[name], i, config) for name, i in keys]
+        W = torch.zeros(len(values), len(plan.pairs.rows), max(v.shape[1] for v in values), dtype=torch.float64)
+        mask = torch.zeros(W.shape[0], W.shape[2], dtype=torch.bool)
+        for k, v in enumerate(values):
+            W[k, :, : v.shape[1]], mask[k, : v.shape[1]] = v, True
     return reduce_values(W.to(device=device, dtype=_dtype(device)), mask.to(device), plan.pairs.coefficients())
+
+
+def _gather_sampled(store: RunStore, keys: list[tuple[str, int]], sampled: tuple[np.ndarray, int]):
+    """(W (K, R, P) float64, mask (K, P)) of ``keys`` from ``read_sampled``'s columns in one gather: each
+    chunk's sampled values, zero-padded to the longest (what filling chunk by chunk gives, 10x faster)."""
+    values, start = sampled
+    spans = np.array([store.sample_layout.spans[k] for k in keys], dtype=np.int64) - start  # (K, 2)
+    lens = spans[:, 1] - spans[:, 0]
+    mask = np.arange(int(lens.max()))[None, :] < lens[:, None]  # (K, P)
+    idx = np.minimum(spans[:, :1] + np.arange(mask.shape[1])[None, :], values.shape[1] - 1)
+    W = values[:, idx].transpose(1, 0, 2).astype(np.float64)  # (K, R, P)
+    W *= mask[:, None, :]
+    return torch.from_numpy(W), torch.from_numpy(mask)
 
 
 def _dtype(device: torch.device) -> torch.dtype:
@@ -220,14 +236,9 @@ def read_sampled(store: RunStore, plan: FitPlan, config: FitConfig, keys=None) -
     return store.read_sample(plan.pairs.rows, lo, hi), lo
 
 
-def _chunk_values(store: RunStore, plan: PairPlan, m, i: int, config: FitConfig,
-                  sampled: tuple[np.ndarray, int] | None = None):
-    """Chunk i of tensor m's sampled parameters at the plan's rows, (R, l) float64: from the sample
-    array (``read_sampled``'s columns), else from the chunk itself."""
-    if sampled is not None:
-        values, start = sampled
-        a, b = store.sample_layout.spans[(m.name, i)]
-        return torch.from_numpy(np.ascontiguousarray(values[:, a - start : b - start], dtype=np.float64))
+def _chunk_values(store: RunStore, plan: PairPlan, m, i: int, config: FitConfig):
+    """Chunk i of tensor m's sampled parameters at the plan's rows, (R, l) float64, read from the chunk
+    itself (stores without the sample array, or another sample size or seed)."""
     a, b = m.plan.bounds(i)
     idx = sample_index(b - a, config.sample, chunk_seed(config.seed, m.name, i))
     return widen(store.read(m.name, plan.rows, cols=a + idx), m.dtype).to(torch.float64)
