@@ -304,6 +304,10 @@ class RunStore:
             for p in d.glob("*.partial"):  # zarr's own temporary metadata files
                 p.unlink(missing_ok=True)
                 n += 1
+        for name in ("sample", *STEP_ARRAYS):  # arrays zarr writes chunk by chunk: temp files beside the chunks
+            for p in (root / name).rglob("*.partial"):
+                p.unlink(missing_ok=True)
+                n += 1
         return n
 
     # ------------------------------------------------------------ the fit's sample

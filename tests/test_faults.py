@@ -224,6 +224,20 @@ def test_ingest_killed_at_a_random_point_loses_nothing(big_states, tmp_path, tri
     assert not leftovers(store), leftovers(store)
 
 
+def test_the_next_writer_sweeps_zarrs_chunk_temp_files(run, tmp_path):
+    """zarr writes the sample and step arrays' chunks through temp files beside them; a writer killed
+    mid-write leaves them (seen in a kill -9 trial), and the next ingest removes them."""
+    store = tmp_path / "store"
+    ingest(run, store)
+    planted = [store / "sample" / "c" / "4" / "0.84fed6cf.partial", store / "step" / "c" / "0.1a2b.partial",
+               store / "params" / "step" / "c" / "0.3c4d.partial"]
+    for p in planted:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half")
+    assert farcast("ingest", run, "--store", store).returncode == 0
+    assert not leftovers(store), leftovers(store)
+
+
 @pytest.mark.parametrize("trial", TRIALS)
 def test_emit_killed_at_a_random_point_leaves_nothing_half_written(big_states, tmp_path, trial):
     run = write_run(tmp_path / "run", big_states)
