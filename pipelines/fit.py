@@ -153,8 +153,8 @@ def _gather_sampled(store: RunStore, keys: list[tuple[str, int]], sampled: tuple
     lens = spans[:, 1] - spans[:, 0]
     mask = np.arange(int(lens.max()))[None, :] < lens[:, None]  # (K, P)
     idx = np.minimum(spans[:, :1] + np.arange(mask.shape[1])[None, :], values.shape[1] - 1)
-    W = values[:, idx].transpose(1, 0, 2).astype(np.float64)  # (K, R, P)
-    W *= mask[:, None, :]
+    # padding gets 0, not 0 x (another chunk's values): those may be NaN/Inf (tensors excluded from the fit)
+    W = np.where(mask[:, None, :], values[:, idx].transpose(1, 0, 2), 0.0).astype(np.float64)  # (K, R, P)
     return torch.from_numpy(W), torch.from_numpy(mask)
 
 
