@@ -141,7 +141,7 @@ MAX_STEP = 2**53
 
 
 @click.group(cls=_Group)
-@click.version_option("0.1.0", prog_name="farcast")
+@click.version_option(package_name="farcast", prog_name="farcast")
 def main() -> None:
     """Forecast a training run's weights far ahead from its checkpoints."""
 

@@ -179,7 +179,7 @@ def emit_task(store: str, out: str, target_step: int, fit_config: dict, emit_con
 # ------------------------------------------------------------------ flows
 
 
-# Stage bodies: plain functions that call tasks, so they run on whichever flow's task runner.
+# Stage bodies of the farcast flow: plain functions that call tasks, on the flow's task runner.
 
 
 def _fit(store: str, target_step: int | None, ratio: float | None, cfg: dict, ckpt_dir: str | None = None) -> dict:
@@ -243,27 +243,6 @@ def _emit(store: str, out: str, target_step: int | None, ratio: float | None, cf
         description="Where the forecast checkpoint was written",
     )
     return {**result, "backtest": report}
-
-
-@flow(name="farcast-ingest")
-def ingest_flow(ckpt_dir: str, store: str, allow_pickle: bool = False) -> dict:
-    return ingest_task(ckpt_dir, store, allow_pickle)
-
-
-@flow(name="farcast-backtest")
-def backtest_flow(store: str, target_step: int | None = None, ratio: float | None = None, fit_config: dict | None = None) -> dict:
-    return _backtest(store, target_step, ratio, fit_config or FitConfig().to_json())
-
-
-@flow(name="farcast-fit")
-def fit_flow(store: str, target_step: int | None = None, ratio: float | None = None, fit_config: dict | None = None) -> dict:
-    return _fit(store, target_step, ratio, fit_config or FitConfig().to_json())
-
-
-@flow(name="farcast-emit")
-def emit_flow(store: str, out: str, target_step: int | None = None, ratio: float | None = None,
-              fit_config: dict | None = None, emit_config: dict | None = None) -> dict:
-    return _emit(store, out, target_step, ratio, fit_config or FitConfig().to_json(), emit_config or {})
 
 
 @flow(name="farcast")

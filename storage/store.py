@@ -47,7 +47,19 @@ from farcast_core.sampling import SampleLayout
 from storage.lock import LOCK_NAME
 
 FORMAT = 1
-VERSION = "0.1.0"
+
+
+def _package_version() -> str:
+    """farcast's version from the installed package's metadata (pyproject.toml is the one place it is set)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("farcast")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
+VERSION = _package_version()  # recorded in stores, forecaster files and emitted metadata
 TMP_DIR = ".farcast-tmp"  # chunk files being written (local stores); removed by the next writer
 OURS = {LOCK_NAME, TMP_DIR}  # entries of a store directory that are farcast's, not zarr's
 SAMPLE_CHUNK = 1 << 20  # columns per chunk of the sample array (a fit task reads the span of its batch)
@@ -238,7 +250,7 @@ class RunStore:
                 a.resize((rows,))
 
     def _step_arrays(self) -> list[zarr.Array]:
-        """The step coordinate arrays (absent from stores written before farcast 0.1.0 had them)."""
+        """The step coordinate arrays (absent from stores written before they existed)."""
         return [self._node(p) for p in STEP_ARRAYS if p in self.group]
 
     @property
