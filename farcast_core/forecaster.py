@@ -367,6 +367,23 @@ def apply(A: torch.Tensor, b: torch.Tensor, feats: torch.Tensor) -> torch.Tensor
     return feats @ A + b
 
 
+def forecast_rows(A: torch.Tensor, b: torch.Tensor, interps, rows, values: torch.Tensor,
+                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The forecast of the target (the last horizon) of one chunk's parameters from its stored rows:
+    what backtest, emit and jumps all compute.
+
+    A (F, m), b (m,): the chunk's forecaster; ``interps``: how each feature is read from the rows
+    (``calibration.feature_interps``); ``values`` (len(rows), P): the chunk at ``rows``. Each feature
+    is a weighted sum of rows, so the forecast is one weighted sum of rows: the weights are folded in
+    float64, then applied in ``dtype`` (float32 is exact enough for float32-and-narrower weights and
+    twice as fast). Equals ``apply`` on the interpolated features (tests/test_forecaster.py).
+    """
+    from farcast_core.calibration import interp_weights
+
+    w = A[:, -1].to(torch.float64).cpu().numpy() @ interp_weights(interps, rows)  # (len(rows),)
+    return torch.from_numpy(w).to(dtype) @ values.to(dtype) + b[-1].item()
+
+
 @dataclass
 class Forecasters:
     """Fitted forecasters of a run: one (A, b) per chunk, plus what produced them."""

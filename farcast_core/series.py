@@ -12,7 +12,7 @@ import torch
 
 from farcast_core import baselines
 from farcast_core.calibration import Interp, PairPlan, plan_pairs
-from farcast_core.forecaster import FitConfig, Fitted, apply, fit_values
+from farcast_core.forecaster import FitConfig, Fitted, fit_values, forecast_rows
 from farcast_core.sampling import sample_index
 
 
@@ -48,8 +48,7 @@ def fit_series(
 def forecast_series(W: torch.Tensor, times: Sequence[float], rho: float, config: FitConfig = FitConfig()) -> torch.Tensor:
     """The farcast of every parameter of a (T, P) series at ratio ``rho``: (P,)."""
     fitted, plan = fit_series(W, times, rho, config)
-    feats = torch.stack([at(W.to(torch.float64), list(range(W.shape[0])), it) for it in plan.app_features], -1)
-    return apply(fitted.A[0], fitted.b[0], feats)[:, -1]
+    return forecast_rows(fitted.A[0], fitted.b[0], plan.app_features, list(range(W.shape[0])), W)
 
 
 def backtest_series(

@@ -18,7 +18,7 @@ from farcast_core.baselines import METHODS
 from farcast_core.calibration import feature_interps, interp_at, max_ratio
 from farcast_core.dtypes import widen
 from farcast_core.errors import ForecastError, ScheduleEndError
-from farcast_core.forecaster import FitConfig, Forecasters, apply
+from farcast_core.forecaster import FitConfig, Forecasters, forecast_rows
 from farcast_core.series import at, backtest_row
 from farcast_core.timeaxis import TimeAxis
 from pipelines.fit import fit_store, resolve_target, standstill, time_axis
@@ -125,9 +125,8 @@ def _evaluate(store: RunStore, axis: TimeAxis, b: int, config: FitConfig, fc: Fo
             real = at(v, rows, truth)
             w0, wp, wb = v[pos[0]], v[pos[b - 1]], v[pos[b]]
             k_ = row_of[(name, i)]
-            feats = torch.stack([at(v, rows, it) for it in app], -1)
             preds = {
-                "farcast": apply(fc.A[k_], fc.b[k_], feats)[:, -1],
+                "farcast": forecast_rows(fc.A[k_], fc.b[k_], app, rows, v),  # emit's computation, in float64
                 "persistence": baselines.persistence(wb),
                 "chord": baselines.chord(w0, wb, t0, times[b], T),
                 "linear": baselines.last_segment(wp, wb, times[b - 1], times[b], T),

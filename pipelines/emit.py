@@ -23,10 +23,10 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from farcast_core.calibration import feature_interps, interp_weights
+from farcast_core.calibration import feature_interps
 from farcast_core.dtypes import DTYPES, from_storage, nonfinite, to_storage, widen
 from farcast_core.errors import ConfigError, ForecastError, StoreError
-from farcast_core.forecaster import FitConfig, Forecasters
+from farcast_core.forecaster import FitConfig, Forecasters, forecast_rows
 from pipelines.backtest import backtest
 from farcast_core.schedules import multiplier
 from pipelines.fit import excluded_tensors, fit_store, resolve_target, time_axis
@@ -277,22 +277,14 @@ class Forecast:
             return values
         # float32 arithmetic is exact enough for float32-and-narrower weights and twice as fast
         dt = torch.float64 if m.dtype == "float64" else torch.float32
-        v = widen(self.store.read(m.name, self.rows, lo, hi), m.dtype).to(dt)
-        # y = b + sum_f A_f * feature_f, each feature a weighted sum of stored rows: fold the weights
-        # into one coefficient per row (in float64) and make y in one pass over the rows (a gemv)
-        y = torch.from_numpy(self.row_weights(k)).to(dt) @ v + self.fc.b[k, -1].item()
-        y = y.to(DTYPES[m.dtype].torch)
+        v = widen(self.store.read(m.name, self.rows, lo, hi), m.dtype)
+        y = forecast_rows(self.fc.A[k], self.fc.b[k], self.app, self.rows, v, dt).to(DTYPES[m.dtype].torch)
         if not torch.isfinite(y.to(torch.float64) if y.dtype.itemsize == 1 else y).all():
             raise ForecastError(
                 f"tensor '{m.name}': the forecast has NaN/Inf (values {lo}..{hi}, {m.dtype}); nothing was written. "
                 "Ask for a nearer target, or check this tensor's history"
             )
         return to_storage(y)
-
-    def row_weights(self, k: int) -> np.ndarray:
-        """The forecast of chunk row k as weights on ``self.rows``: A_f times each feature's
-        interpolation weights, summed over features (float64)."""
-        return self.fc.A[k, :, -1].to(torch.float64).numpy() @ interp_weights(self.app, self.rows)
 
     def chunks(self, m: TensorMeta) -> Iterator[np.ndarray]:
         return (self.chunk(m, i) for i in range(m.plan.n_chunks))

@@ -332,13 +332,13 @@ def test_errors_are_farcast_errors():
     assert issubclass(ForecastError, FarcastError) and issubclass(StoreError, FarcastError)
 
 
-def test_the_emitted_weights_are_the_forecasters_applied_to_the_newest_features(digits_store, tmp_path):
+def test_the_emitted_weights_are_the_backtests_forecast(digits_store, tmp_path):
     """emit folds each chunk's forecaster into one weight per stored row (one pass over the rows);
     what it writes must be the forecaster applied to the features, in float64, up to float32 rounding."""
     from safetensors.torch import load_file
 
     from farcast_core.calibration import feature_interps
-    from farcast_core.forecaster import FitConfig, apply
+    from farcast_core.forecaster import FitConfig, apply, forecast_rows
     from pipelines.fit import fit_store, resolve_target, time_axis
     from storage.store import RunStore
 
@@ -361,3 +361,7 @@ def test_the_emitted_weights_are_the_forecasters_applied_to_the_newest_features(
         got = out[name].reshape(-1)[lo:hi].to(torch.float64)
         moved = (v[-1] - v[0]).abs().max() + 1e-12
         assert (got - want).abs().max() <= 1e-5 * (want.abs().max() + moved), name
+        # the backtest computes the same function (farcast_core.forecaster.forecast_rows) in float64
+        backtest_says = forecast_rows(fc.A[k], fc.b[k], app, rows, v)
+        assert torch.allclose(backtest_says, want, rtol=1e-12, atol=1e-12 * float(want.abs().max())), name
+        assert (got - backtest_says).abs().max() <= 4 * torch.finfo(torch.float32).eps * (backtest_says.abs().max() + moved), name
