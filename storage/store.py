@@ -117,6 +117,7 @@ class RunStore:
         self._sample: SampleLayout | None = None
         self._root_path: Path | None = None
         self._sample_meta: dict | None = None  # defined, committed with the first step
+        self._step_paths: list[str] | None = None
 
     @property
     def _root(self) -> Path:
@@ -233,7 +234,8 @@ class RunStore:
             )
         for path in STEP_ARRAYS:  # 1024 steps per chunk: a run's rows rarely span more than one chunk file
             self.group.create_array(path, shape=(0,), chunks=(1024,), dtype="int64", fill_value=-1,
-                                    overwrite=True, dimension_names=("step",))
+                                    compressors=None, overwrite=True, dimension_names=("step",))
+        self._step_paths = list(STEP_ARRAYS)
         self._arrays, self._tensors = {}, {m.name: m for m in metas}
 
     def reserve(self, rows: int) -> None:
@@ -250,8 +252,28 @@ class RunStore:
                 a.resize((rows,))
 
     def _step_arrays(self) -> list[zarr.Array]:
-        """The step coordinate arrays (absent from stores written before they existed)."""
-        return [self._node(p) for p in STEP_ARRAYS if p in self.group]
+        """The step coordinate arrays (absent from stores written before they existed); looked up once."""
+        if self._step_paths is None:
+            self._step_paths = [p for p in STEP_ARRAYS if p in self.group]
+        return [self._node(p) for p in self._step_paths]
+
+    def _write_steps(self, steps: list[int]) -> None:
+        """Set the step coordinate's chunk holding the newest of ``steps`` (rows 0..len-1): the steps of
+        the rows it covers, -1 past them. Written like the tensors' chunks (whole chunk, temp file and
+        rename) on a local store: zarr's read-modify-write of one value cost ~10 ms a commit."""
+        row = len(steps) - 1
+        for a in self._step_arrays():
+            if a.shape[0] <= row:
+                a.resize((row + 1,))
+            base = self._plain_dir(a.path)
+            if base is None:
+                a[row] = steps[row]
+                continue
+            size = a.chunks[0]
+            lo = row // size * size
+            chunk = np.full(size, -1, dtype="<i8")
+            chunk[: row + 1 - lo] = steps[lo : row + 1]
+            self._replace_file(base / str(row // size), chunk)
 
     @property
     def schedule(self) -> dict | None:
@@ -271,10 +293,7 @@ class RunStore:
                 f"{self.url}: changed by another writer while step {record['step']} was being written "
                 f"(it now holds {len(steps)} steps, this writer filled row {row}); nothing was committed: rerun"
             )
-        for a in self._step_arrays():  # before the record (a reader trusts only committed rows), after the check
-            if a.shape[0] <= row:
-                a.resize((row + 1,))
-            a[row] = record["step"]
+        self._write_steps([r["step"] for r in steps] + [record["step"]])  # after the check, before the record
         attrs = fresh | {"steps": steps + [record], "schedule": schedule}
         if not steps:
             attrs["tensors"] = {n: asdict(m) for n, m in self.tensors.items()}
@@ -396,6 +415,11 @@ class RunStore:
         m = self.tensors[name]
         if values.size < m.chunk:  # zarr keeps edge chunks full size, padded with the fill value
             values = np.concatenate([values, np.zeros(m.chunk - values.size, dtype=values.dtype)])
+        self._replace_file(path, values)
+
+    def _replace_file(self, path: Path, values: np.ndarray) -> None:
+        """A chunk file holding ``values`` as little-endian bytes: temporary name, then rename, as zarr's
+        LocalStore does."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir = self._root / TMP_DIR
         tmp_dir.mkdir(exist_ok=True)
