@@ -126,11 +126,6 @@ class Bars:
         """A (done, total) callback for one stage."""
         return lambda done, total: self(name, done, total)
 
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-        self.bars.clear()
-
 
 def quiet_option(f):
     return click.option("--quiet", "-q", is_flag=True, help="No progress bars (they show only on a terminal anyway).")(f)
@@ -240,16 +235,15 @@ def _as_store(path: str, store: str | None, bars: Bars, allow_pickle: bool = Fal
     only) into --store, or the store an earlier ingest of PATH used, or its default store."""
     from pathlib import Path
 
-
     from pipelines.ingest import IngestConfig, ingest as run_ingest, store_for
 
-    if not _is_store(path) and not Path(path).is_dir():
-        raise FarcastError(f"{path}: no such directory; give the checkpoint directory your trainer saves into, "
-                           "or a store made by 'farcast ingest'")
     if _is_store(path):
         if store:
             raise FarcastError(f"{path} is a store; --store goes with a checkpoint directory")
         return path
+    if not Path(path).is_dir():
+        raise FarcastError(f"{path}: no such directory; give the checkpoint directory your trainer saves into, "
+                           "or a store made by 'farcast ingest'")
     store = store or store_for(path)
     r = run_ingest(path, store, IngestConfig(allow_pickle=allow_pickle),
                    on_step=lambda step, done, total: bars("ingest", done, total))
@@ -381,6 +375,16 @@ def emit(ckpt_dir_or_store, target_step, ratio, out, optimizer, force, allow_wor
     _print_emitted(result, as_json)
 
 
+def _emit_request(ckpt_dir: str, out: str, target_step, ratio, **emit_opts) -> dict:
+    """The emit settings as the flow takes them, refused before any work if bad (with the request's
+    target and --out, checked against CKPT_DIR before it is ingested)."""
+    from pipelines.emit import EmitConfig, check_request
+
+    EmitConfig(**emit_opts)
+    check_request(ckpt_dir, out, target_step, ratio)
+    return emit_opts
+
+
 def _verbose(verbose: bool) -> None:
     import os
 
@@ -415,14 +419,13 @@ def run(ckpt_dir, target_step, ratio, out, optimizer, force, allow_worse, nonfin
         dask_processes, verbose, direct, allow_pickle, as_json, quiet, **fit_opts) -> None:
     """The whole job: ingest CKPT_DIR, fit, backtest, emit the forecast checkpoint into OUT (a Prefect flow)."""
     _verbose(verbose)
-    from pipelines.emit import EmitConfig, check_request
+    from pipelines.emit import EmitConfig
     from pipelines.ingest import store_for
 
     store = store or store_for(ckpt_dir)
     fit_cfg = _fit_config(**fit_opts)
-    emit_cfg = dict(optimizer=optimizer, force=force, allow_worse=allow_worse, allow_pickle=allow_pickle, nonfinite=nonfinite)
-    EmitConfig(**emit_cfg)
-    check_request(ckpt_dir, out, target_step, ratio)  # before any ingest or fit
+    emit_cfg = _emit_request(ckpt_dir, out, target_step, ratio, optimizer=optimizer, force=force,
+                             allow_worse=allow_worse, allow_pickle=allow_pickle, nonfinite=nonfinite)
     if direct:
         from pipelines.emit import emit as run_emit
 
@@ -459,7 +462,6 @@ def serve(ckpt_dir, target_step, ratio, out, optimizer, force, allow_worse, nonf
     (Prefect's deployment concurrency limit 1, strategy CANCEL_NEW) and the next one catches up.
     """
     from farcast_core.errors import ForecastError
-    from pipelines.emit import EmitConfig, check_request
 
     _verbose(verbose)
     if (interval is None) == (cron is None):
@@ -475,9 +477,8 @@ def serve(ckpt_dir, target_step, ratio, out, optimizer, force, allow_worse, nonf
             "export PREFECT_API_URL=http://127.0.0.1:4200/api and rerun"
         )
     fit_cfg = _fit_config(**fit_opts)
-    emit_cfg = dict(optimizer=optimizer, force=force, allow_worse=allow_worse, allow_pickle=allow_pickle, nonfinite=nonfinite)
-    EmitConfig(**emit_cfg)
-    check_request(ckpt_dir, out, target_step, ratio)
+    emit_cfg = _emit_request(ckpt_dir, out, target_step, ratio, optimizer=optimizer, force=force,
+                             allow_worse=allow_worse, allow_pickle=allow_pickle, nonfinite=nonfinite)
     from prefect import serve as prefect_serve
 
     from flows.flows import make_deployment

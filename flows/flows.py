@@ -7,7 +7,9 @@ for the first flow run in a process; with one set, runs go to that server.
 
 from __future__ import annotations
 
+import contextvars
 import os
+import re
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry errors
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # 20 s default is too short on 2 cores
@@ -31,20 +33,18 @@ from pipelines import emit as emit_mod  # noqa: E402
 from pipelines import fit as fit_mod  # noqa: E402
 from pipelines import ingest as ingest_mod  # noqa: E402
 from storage.artifacts import default_forecaster_path  # noqa: E402
+from storage.runs import run_key  # noqa: E402
 from storage.store import RunStore  # noqa: E402
 
 
 def artifact_key(kind: str, ckpt_dir: str | None) -> str:
-    """A Prefect artifact key per run directory (keys allow a-z, 0-9 and '-'): its history is that run's."""
-    import hashlib
-    import re
-    from pathlib import Path
-
+    """A Prefect artifact key per run directory (keys allow a-z, 0-9 and '-'): its history is that run's.
+    From the run's key (``storage.runs.run_key``: its name and a hash of its path), name shortened."""
     if not ckpt_dir:
         return f"farcast-{kind}"
-    root = Path(ckpt_dir).resolve()
-    slug = re.sub(r"[^a-z0-9]+", "-", root.name.lower()).strip("-")[:40] or "run"
-    return f"farcast-{kind}-{slug}-{hashlib.sha1(str(root).encode()).hexdigest()[:8]}"
+    name, _, digest = run_key(ckpt_dir).rpartition("-")
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "run"
+    return f"farcast-{kind}-{slug}-{digest}"
 
 
 class _ArtifactProgress:
@@ -103,13 +103,6 @@ def ingest_task(ckpt_dir: str, store: str, allow_pickle: bool = False) -> dict:
             "nonfinite": {str(k): v for k, v in r.nonfinite.items()}, "bytes": r.bytes_written}
 
 
-@task(name="warm-up")
-def warm_up_task(n: int) -> int:
-    """Nothing: running it makes a fresh worker process import farcast, torch and Prefect (seconds)
-    while the flow's own process ingests, instead of when the first fit task arrives."""
-    return n
-
-
 @task(name="backtest", **DISK_RETRIES)
 def backtest_task(store: str, target_step: int | None, ratio: float | None, fit_config: dict,
                   ckpt_dir: str | None = None) -> dict:
@@ -160,8 +153,6 @@ def save_forecasters_task(store: str, n_rows: int, rho: float, target: int, fit_
 def emit_task(store: str, out: str, target_step: int, fit_config: dict, emit_config: dict, report: dict, forecasters: str,
               ckpt_dir: str | None = None) -> dict:
     from storage.artifacts import load_forecasters
-
-    import contextvars
 
     fc, _ = load_forecasters(forecasters)
     bar = _ArtifactProgress(artifact_key("progress-write", ckpt_dir), f"Writing the forecast checkpoint into {out}")
@@ -258,7 +249,6 @@ def farcast_flow(ckpt_dir: str, out: str, target_step: int | None = None, ratio:
     fit_config = fit_config or FitConfig().to_json()
     FitConfig.from_json(fit_config), emit_mod.EmitConfig(**emit_cfg)  # refuse bad settings before any work
     emit_mod.check_request(ckpt_dir, out, target_step, ratio)
-    warm_up_task.map(range(2))  # worker processes (Dask) import farcast while this process ingests
     ingested = ingest_task(ckpt_dir, store, allow_pickle)
     if only_if_new and not ingested["added"]:
         why = f"no new checkpoint in {ckpt_dir} since step {max(ingested['present'])}: nothing to do"
@@ -351,11 +341,11 @@ def local_cluster(**kwargs):
     return LocalCluster(**{**kwargs, "env": {**prefect_env, **kwargs.get("env", {})}})
 
 
-def quiet_dask(verbose: bool = False) -> None:
-    """Dask's INFO logs (~40 lines a run) only with ``verbose`` (-v, or FARCAST_VERBOSE=1); warnings always."""
+def quiet_dask() -> None:
+    """Dask's INFO logs (~40 lines a run) only with FARCAST_VERBOSE=1 (what -v sets); warnings always."""
     import logging
 
-    verbose = verbose or os.environ.get("FARCAST_VERBOSE") == "1"
+    verbose = os.environ.get("FARCAST_VERBOSE") == "1"
     for name in ("distributed", "prefect.task_runner.dask"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -144,8 +145,6 @@ def emit(
 
 def _counter(progress: Callable[[str, int, int], None], stage: str, total: int) -> Callable[[], None]:
     """A callback that counts calls (from any thread) and reports them as ``progress(stage, n, total)``."""
-    import threading
-
     lock, n = threading.Lock(), 0
 
     def tick() -> None:

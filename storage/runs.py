@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 
-
 def farcast_home() -> Path:
     return Path(os.environ.get("FARCAST_HOME", Path.home() / ".cache" / "farcast"))
 
@@ -22,6 +21,11 @@ def farcast_home() -> Path:
 def _key(ckpt_dir: str | os.PathLike) -> tuple[Path, str]:
     root = Path(ckpt_dir).resolve()
     return root, f"{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:10]}"
+
+
+def run_key(ckpt_dir: str | os.PathLike) -> str:
+    """A run directory's key, ``<name>-<hash of its absolute path>``: its default store's and its record's name."""
+    return _key(ckpt_dir)[1]
 
 
 def default_store(ckpt_dir: str | os.PathLike) -> Path:
