@@ -178,6 +178,14 @@ def _with_lr_init(s: Schedule) -> Schedule:
     return Schedule(s.name, s.peak_lr, s.warmup, s.total, {"lr_init": s.peak_lr, **s.options}, s.peak_known)
 
 
+def training_args_schedule(args: dict, total: int | None = None) -> Schedule:
+    """The schedule a Hugging Face Trainer's arguments (as ``storage.layouts.huggingface.training_args``
+    reads them from training_args.bin) give; its name may be one farcast does not know (not in NAMES)."""
+    s = Schedule(args["lr_scheduler_type"], float(args["learning_rate"]), int(args.get("warmup_steps") or 0),
+                 total or args.get("max_steps"), dict(args.get("lr_scheduler_kwargs") or {}))
+    return _with_lr_init(s)
+
+
 # ----------------------------------------------------------------- what checkpoints recorded
 
 
@@ -200,9 +208,7 @@ def _from_hf(facts: dict) -> tuple[Schedule | None, str, str]:
     peak = facts["base_lrs"][0] if facts.get("base_lrs") else None
     args = facts.get("training_args")
     if args:
-        s = Schedule(args["lr_scheduler_type"], float(args["learning_rate"]), int(args.get("warmup_steps") or 0),
-                     total, dict(args.get("lr_scheduler_kwargs") or {}))
-        s = _with_lr_init(s)
+        s = training_args_schedule(args, total)
         if s.name in NAMES:
             bad = _misfit(s, points)
             if bad is None:

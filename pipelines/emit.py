@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import shutil
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -31,12 +29,10 @@ from farcast_core.forecaster import FitConfig, Forecasters, forecast_rows
 from pipelines.backtest import backtest
 from farcast_core.schedules import multiplier
 from pipelines.fit import excluded_tensors, fit_store, resolve_target, time_axis
-from storage import writers
-from storage.checkpoints import HF_INDEXES, is_inside, manifest_change, read_safetensors_header
+from storage import layouts, writers
+from storage.checkpoints import is_inside, manifest_change
 from storage.store import VERSION, RunStore, TensorMeta
 
-OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
-SCHEDULER_FILES = ("scheduler.pt", "scheduler.bin")
 
 
 @dataclass(frozen=True)
@@ -107,15 +103,13 @@ def emit(
         )
     fc = forecasters or fit_store(store, len(store.steps), rho, fit_config, axis=axis,
                                   progress=(lambda d, n: progress("fit", d, n)) if progress else None)
-    fit_config = fc.config
     forecast = Forecast(store, fc, config.nonfinite)
-    if progress:  # every chunk is computed once per weights file written (twice where a copy goes beside it)
-        passes = 2 if store.layout == "dcp" or len(finals) > 1 or (
-            store.layout in ("hf", "dirs") and not any(s.suffix == ".safetensors" for s in sources)) else 1
-        forecast.on_chunk = _counter(progress, "write", passes * sum(m.plan.n_chunks for m in store.tensors.values()))
+    if progress:  # every chunk is computed once per weights file written
+        forecast.on_chunk = _counter(progress, "write", layouts.chunk_passes(store.layout, sources, finals)
+                                     * sum(m.plan.n_chunks for m in store.tensors.values()))
     metadata = {
         "farcast": json.dumps({
-            "version": VERSION, "method": "farcast-1layer", "config": fit_config.to_json(),
+            "version": VERSION, "method": "farcast-1layer", "config": fc.config.to_json(),
             "source": store.source, "source_steps": store.steps, "target_step": target, "ratio": rho,
             "axis": axis.to_json(),
             "optimizer": config.optimizer, "excluded": fc.excluded, "copied_from": forecast.copied_from,
@@ -123,23 +117,14 @@ def emit(
             | {"farcast_vs_persistence": report["farcast_vs_persistence"], "backtest_from": report["backtest_from"]},
         })
     }
-    ctx = _Ctx(store, forecast, target, config, metadata, store.steps[-1], _schedule_factor(axis, target))
-    if store.layout in ("hf", "dirs", "dcp"):
-        src_dir = sources[0] if store.layout == "dcp" else sources[0].parent
-        with writers.StagedOutput(finals[0], config.force) as staged:
-            files = _emit_dir(ctx, src_dir, staged.tmp, sources, store.layout == "dcp")
-            path = staged.commit()
-    else:
-        src, final = sources[0], finals[0]
-        with writers.StagedOutput(final, config.force) as staged:
-            _write_weights(ctx, src, staged.tmp)
-            files = [final.name]
-            if len(finals) > 1:  # a torch file gets a safetensors copy of the weights beside it
-                with writers.StagedOutput(finals[1], True) as side_staged:
-                    _stream_all(ctx, side_staged.tmp)
-                    side_staged.commit()
-                files.append(finals[1].name)
-            path = staged.commit()
+    metas = store.tensors
+    checkpoint = layouts.Forecasted(
+        specs={n: (m.dtype, m.shape) for n, m in metas.items()}, stream=forecast.stream,
+        tensor=lambda name: forecast.tensor(metas[name]), newest_step=store.steps[-1], target=target,
+        metadata=metadata, optimizer=config.optimizer, allow_pickle=config.allow_pickle,
+        lr_factor=_schedule_factor(axis, target),
+    )
+    path, files = layouts.write(store.layout, sources, finals, checkpoint, config.force)
     return EmitResult(path, target, report, files)
 
 
@@ -193,13 +178,8 @@ def check_output(store: RunStore, out: str | os.PathLike, target: int, config: E
     """The paths emit will write for ``target``, checked: outside the run, new (or --force), writable."""
     _refuse_out_inside(out, store.source)
     out = Path(out).resolve()
-    rec = store.step_records[-1]
-    newest = Path(rec["path"]) if "path" in rec else Path(rec["sources"][0]).parent if store.layout in ("hf", "dirs") \
-        else Path(rec["sources"][0])
-    final = out / rename_step(newest.name, store.steps[-1], target)
-    finals = [final]
-    if store.layout == "files" and newest.suffix != ".safetensors":
-        finals.append(final.with_suffix(".safetensors"))
+    newest = layouts.newest_path(store.layout, store.step_records[-1])
+    finals = layouts.output_paths(store.layout, newest, store.steps[-1], target, out)
     for f in finals:
         if f.exists() and not config.force:
             raise StoreError(f"{f}: already exists; pass --force to replace it, or choose another --out")
@@ -224,17 +204,6 @@ def newest_sources(store: RunStore) -> list[Path]:
             f"(rotated away, rewritten, or the run restarted into {store.source}); rerun 'farcast ingest'"
         )
     return sources
-
-
-def rename_step(name: str, old: int, new: int) -> str:
-    """``name`` with its step number ``old`` replaced by ``new``, keeping zero padding."""
-    runs = [m for m in re.finditer(r"\d+", name) if int(m.group()) == old]
-    if not runs:
-        return f"{name}-step{new}"
-    m = runs[-1]
-    digits = m.group()
-    rep = str(new).zfill(len(digits)) if digits.startswith("0") and len(digits) > 1 else str(new)
-    return name[: m.start()] + rep + name[m.end() :]
 
 
 class Forecast:
@@ -329,212 +298,9 @@ def copy_rows(store: RunStore, not_forecast: set[str], policy: str = "refuse") -
     return out
 
 
-@dataclass
-class _Ctx:
-    store: RunStore
-    forecast: Forecast
-    target: int
-    config: EmitConfig
-    metadata: dict
-    newest_step: int
-    lr_factor: float | None = None  # the schedule's multiplier at the target, when the schedule is known
-
-
-def _stream_file(ctx: _Ctx, src: Path, dst: Path) -> None:
-    """A safetensors file with ``src``'s tensors, order and metadata, holding the forecast."""
-    _, header = read_safetensors_header(src)
-    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
-    meta = {**header.get("__metadata__", {}), **ctx.metadata}
-    _stream(ctx, names, dst, meta)
-
-
-def _stream_all(ctx: _Ctx, dst: Path) -> None:
-    _stream(ctx, sorted(ctx.store.tensors), dst, {"format": "pt", **ctx.metadata})
-
-
-def _stream(ctx: _Ctx, names: list[str], dst: Path, meta: dict) -> None:
-    metas = ctx.store.tensors
-    specs = [(n, metas[n].dtype, metas[n].shape) for n in names]
-    writers.stream_safetensors(dst, specs, ctx.forecast.stream(names), meta)
-
-
-def _emit_dir(ctx: _Ctx, src_dir: Path, dst: Path, sources: list[Path], dcp: bool) -> list[str]:
-    """A step directory like ``src_dir`` holding the forecast; returns the files written."""
-    dst.mkdir(parents=True)
-    weight_names = {p.name for p in sources} | set(HF_INDEXES)
-    lr_factor = _hf_lr_factor(ctx, src_dir)
-    written = []
-    for p in sorted(src_dir.iterdir()):
-        if dcp and (p.suffix == ".distcp" or p.name == ".metadata"):
-            continue
-        if p.name in weight_names:
-            continue
-        if p.is_dir():
-            shutil.copytree(p, dst / p.name)
-        elif p.name in OPTIMIZER_FILES:
-            _write_optimizer(ctx, p, dst / p.name, lr_factor)
-        elif p.name in SCHEDULER_FILES:
-            sched = writers.load_torch(p, ctx.config.allow_pickle)
-            _advance_scheduler(sched, ctx.newest_step, ctx.target, lr_factor)
-            writers.save_torch(sched, dst / p.name)
-        elif p.name == "trainer_state.json":
-            state = json.loads(p.read_text())
-            if state.get("global_step") and state.get("epoch") is not None:
-                state["epoch"] = state["epoch"] * ctx.target / state["global_step"]
-            state["global_step"] = ctx.target
-            (dst / p.name).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-        else:
-            writers.copy_file(p, dst / p.name)
-        written.append(p.name)
-    if dcp:
-        metas = ctx.store.tensors.values()
-        writers.save_dcp({m.name: ctx.forecast.tensor(m) for m in metas}, dst)
-        _stream_all(ctx, dst / "forecast.safetensors")
-        written += [".metadata", "forecast.safetensors"]
-        return written
-    for src in sources:
-        _write_weights(ctx, src, dst / src.name)
-        written.append(src.name)
-    for index in HF_INDEXES:
-        if (src_dir / index).is_file():
-            idx = json.loads((src_dir / index).read_text())
-            metas = ctx.store.tensors
-            idx.setdefault("metadata", {})["total_size"] = sum(
-                metas[n].numel * DTYPES[metas[n].dtype].storage.itemsize for n in idx["weight_map"]
-            )
-            (dst / index).write_text(json.dumps(idx, indent=2, sort_keys=True) + "\n")
-            written.append(index)
-    if not any(s.suffix == ".safetensors" for s in sources):
-        _stream_all(ctx, dst / "forecast.safetensors")
-        written.append("forecast.safetensors")
-    return written
-
-
-def _write_weights(ctx: _Ctx, src: Path, dst: Path) -> None:
-    """``src``'s weights file, same format, holding the forecast."""
-    if src.suffix == ".safetensors":
-        _stream_file(ctx, src, dst)
-    else:
-        _write_torch(ctx, src, dst)
-
-
-def _write_torch(ctx: _Ctx, src: Path, dst: Path) -> None:
-    """A copy of a torch pickle (raw state dict, or a container) with the forecast in its state dict."""
-    obj = writers.load_torch(src, ctx.config.allow_pickle)
-    sd = obj
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "module"):
-            if isinstance(obj.get(key), dict):
-                sd = obj[key]
-                break
-    metas = ctx.store.tensors
-    for name in list(sd):
-        if name in metas:
-            sd[name] = ctx.forecast.tensor(metas[name])
-    if isinstance(obj, dict) and sd is not obj:
-        _patch_container(ctx, obj)
-    writers.save_torch(obj, dst)
-
-
-def _patch_container(ctx: _Ctx, obj: dict) -> None:
-    """Advance step counters of a Lightning checkpoint or training container, apply the optimizer policy."""
-    delta = ctx.target - ctx.newest_step
-    if isinstance(obj.get("global_step"), int):
-        obj["global_step"] += delta
-    if isinstance(obj.get("step"), int):
-        obj["step"] += delta
-    schedulers = list(obj.get("lr_schedulers", []) or [])  # Lightning's
-    if isinstance(obj.get("scheduler"), dict):  # a plain training container's
-        schedulers.append(obj["scheduler"])
-    optimizers = list(obj.get("optimizer_states", []) or [])
-    if isinstance(obj.get("optimizer"), dict) and "param_groups" in obj["optimizer"]:
-        optimizers.append(obj["optimizer"])
-    per_step = any(isinstance(s, dict) and s.get("last_epoch") == ctx.newest_step for s in schedulers)
-    fit_loop = (obj.get("loops") or {}).get("fit_loop")
-    if isinstance(fit_loop, dict):  # Lightning keeps its counters under flat dotted keys
-        counters = fit_loop.get("epoch_loop.state_dict", {})
-        if "_batches_that_stepped" in counters:
-            counters["_batches_that_stepped"] += delta
-        _add_ints(fit_loop.get("epoch_loop.batch_progress", {}), delta)
-        _add_ints(fit_loop.get("epoch_loop.automatic_optimization.optim_progress", {}), delta)
-        if per_step:
-            _add_ints(fit_loop.get("epoch_loop.scheduler_progress", {}), delta)
-    for sched in schedulers:
-        _advance_scheduler(sched, ctx.newest_step, ctx.target, ctx.lr_factor)
-    if per_step and ctx.lr_factor is not None:  # the first resumed step uses the optimizer's own lr
-        for opt in optimizers:
-            _set_lr(opt, ctx.lr_factor)
-    if ctx.config.optimizer == "reset":
-        for opt in optimizers:
-            opt["state"] = {}
-
-
-def _add_ints(d: dict, delta: int) -> None:
-    for k, v in d.items():
-        if isinstance(v, dict):
-            _add_ints(v, delta)
-        elif isinstance(v, int) and not isinstance(v, bool):
-            d[k] = v + delta
-
-
-def _advance_scheduler(sched: dict, newest: int, target: int, lr_factor: float | None = None) -> None:
-    """A torch LR scheduler state stepped per optimizer step continues from ``target``."""
-    if isinstance(sched, dict) and sched.get("last_epoch") == newest:
-        sched["last_epoch"] = target
-        if "_step_count" in sched:
-            sched["_step_count"] = target + 1
-        if lr_factor is not None and "base_lrs" in sched:
-            sched["_last_lr"] = [b * lr_factor for b in sched["base_lrs"]]
-
-
-def _write_optimizer(ctx: _Ctx, src: Path, dst: Path, lr_factor: float | None) -> None:
-    """The optimizer state per policy; with a known schedule, its learning rates set to the target step's."""
-    if ctx.config.optimizer == "keep" and lr_factor is None:
-        writers.copy_file(src, dst)
-        return
-    opt = writers.load_torch(src, ctx.config.allow_pickle)
-    if ctx.config.optimizer == "reset":
-        opt["state"] = {}  # same parameter groups (lr, betas, ...), fresh moments
-    if lr_factor is not None:
-        _set_lr(opt, lr_factor)
-    writers.save_torch(opt, dst)
-
-
-def _set_lr(optimizer_state: dict, factor: float) -> None:
-    """Each parameter group's learning rate: its schedule's base (initial_lr) times ``factor``."""
-    for group in optimizer_state.get("param_groups", []):
-        if "initial_lr" in group:
-            group["lr"] = group["initial_lr"] * factor
-
-
 def _schedule_factor(axis, target: int) -> float | None:
     """The known schedule's multiplier on the base learning rate at the target step."""
     s = axis.schedule
     if s is None:
         return None
     return multiplier(s.name, target, s.warmup, s.total, **s.options)
-
-
-def _hf_lr_factor(ctx: _Ctx, src_dir: Path) -> float | None:
-    """The Trainer schedule's multiplier at the target step: from the known schedule, else training_args.bin.
-
-    The first optimizer step after resuming uses the learning rate stored in optimizer.pt (that
-    of the newest real step); the scheduler only takes over after it. training_args.bin is a
-    pickle, so it is read only with --allow-pickle; with neither that one step keeps the old rate.
-    """
-    if ctx.lr_factor is not None:
-        return ctx.lr_factor
-    args_file = src_dir / "training_args.bin"
-    state_file = src_dir / "trainer_state.json"
-    if not (ctx.config.allow_pickle and args_file.is_file() and state_file.is_file()):
-        return None
-    from transformers import get_scheduler
-
-    args = torch.load(args_file, weights_only=False)
-    total = json.loads(state_file.read_text()).get("max_steps") or args.max_steps
-    dummy = torch.optim.SGD([torch.zeros(1)], lr=1.0)
-    sched = get_scheduler(
-        args.lr_scheduler_type, dummy, num_warmup_steps=args.get_warmup_steps(total), num_training_steps=total,
-        scheduler_specific_kwargs=getattr(args, "lr_scheduler_kwargs", None) or {},
-    )
-    return float(sched.lr_lambdas[0](ctx.target))

@@ -9,14 +9,13 @@ Lightning (or plain torch) checkpoint file holds. Anything unreadable just means
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from farcast_core.errors import CheckpointError
-from storage.checkpoints import Checkpoint, TorchReader
-
-SCHEDULER_FILES = ("scheduler.pt", "scheduler.bin")
+from storage.checkpoints import Checkpoint
+from storage.layouts import huggingface
+from storage.layouts.torch_files import load_torch_file
 
 
 def read_schedule_facts(ckpt: Checkpoint, allow_pickle: bool = False) -> dict | None:
@@ -29,12 +28,8 @@ def read_schedule_facts(ckpt: Checkpoint, allow_pickle: bool = False) -> dict | 
 
 
 def _hf_facts(d: Path, allow_pickle: bool) -> dict | None:
-    state_file = d / "trainer_state.json"
-    if not state_file.is_file():
-        return None
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, ValueError):
+    state = huggingface.read_state(d)
+    if state is None:
         return None
     facts = {
         "format": "hf",
@@ -43,29 +38,15 @@ def _hf_facts(d: Path, allow_pickle: bool) -> dict | None:
         "max_steps": state.get("max_steps"),
         "global_step": state.get("global_step"),
     }
-    for name in SCHEDULER_FILES:
+    for name in huggingface.SCHEDULER_FILES:
         sched = _load(d / name, False)
         if isinstance(sched, dict) and "base_lrs" in sched:
             facts.update(base_lrs=_floats(sched.get("base_lrs")), last_lr=_floats(sched.get("_last_lr")),
                          last_epoch=sched.get("last_epoch"))
             break
-    if allow_pickle and (d / "training_args.bin").is_file():
-        facts["training_args"] = _training_args(d / "training_args.bin", state.get("max_steps"))
+    if allow_pickle and (d / huggingface.TRAINING_ARGS).is_file():
+        facts["training_args"] = huggingface.training_args(d / huggingface.TRAINING_ARGS, state.get("max_steps"))
     return facts
-
-
-def _training_args(path: Path, max_steps: int | None) -> dict | None:
-    try:
-        import torch
-
-        args = torch.load(path, weights_only=False)
-        total = max_steps or args.max_steps
-        kind = args.lr_scheduler_type
-        return {"lr_scheduler_type": getattr(kind, "value", str(kind)), "learning_rate": float(args.learning_rate),
-                "warmup_steps": int(args.get_warmup_steps(total)), "max_steps": total,
-                "lr_scheduler_kwargs": json.loads(json.dumps(getattr(args, "lr_scheduler_kwargs", None) or {}))}
-    except Exception:  # an unreadable pickle is "not known", never a failed ingest
-        return None
 
 
 def _torch_facts(path: Path, allow_pickle: bool) -> dict | None:
@@ -95,7 +76,7 @@ def _load(path: Path, allow_pickle: bool):
     if not path.is_file():
         return None
     try:
-        return TorchReader._load(path, allow_pickle)
+        return load_torch_file(path, allow_pickle, mmap=True)
     except CheckpointError:
         return None
 

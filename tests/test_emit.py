@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from farcast_core.errors import FarcastError, ForecastError, StoreError
 from flows.cli import main
 from pipelines.demo import train_digits, write_digits_run
-from pipelines.emit import EmitConfig, emit, rename_step
+from pipelines.emit import EmitConfig, emit
+from storage.layouts import rename_step
 from pipelines.ingest import ingest
 from tests.conftest import StopAt, bits, hf_args, tiny_gpt2, token_data
 

@@ -534,7 +534,7 @@ def test_repro_7_damaged_first_checkpoint_leaves_no_tensor_list(tmp_path, digits
 def test_file_vanishing_mid_ingest_commits_nothing_of_its_step(run, tmp_path):
     code = f"""
 import os
-from storage import checkpoints
+from storage.layouts import safetensors_files as checkpoints
 real = checkpoints.SafetensorsReader.read
 def read(self, name, start=0, stop=None):
     path = self._where[name][0]
