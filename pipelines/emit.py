@@ -24,13 +24,13 @@ import torch
 
 from farcast_core.calibration import feature_interps
 from farcast_core.dtypes import DTYPES, from_storage, nonfinite, to_storage, widen
-from farcast_core.errors import ConfigError, ForecastError, StoreError
+from farcast_core.errors import ConfigError, ForecastError
 from farcast_core.forecaster import FitConfig, Forecasters, forecast_rows
 from pipelines.backtest import backtest
 from farcast_core.schedules import multiplier
 from pipelines.fit import excluded_tensors, fit_store, resolve_target, time_axis
 from storage import layouts, writers
-from storage.checkpoints import is_inside, manifest_change
+from storage.checkpoints import ingested_sources, is_inside
 from storage.store import VERSION, RunStore, TensorMeta
 
 
@@ -169,7 +169,7 @@ def _checks(store: RunStore, axis, out, target_step, ratio, config: EmitConfig, 
     """(ratio, target step, output paths, newest weight files), refusing what emit would refuse later."""
     rho, target = resolve_target(store.steps, target_step, ratio, axis)
     finals = check_output(store, out, target, config)
-    sources = newest_sources(store)
+    sources = ingested_sources(store.step_records[-1], store.url, store.source)
     copy_rows(store, excluded_tensors(store) if excluded is None else excluded, config.nonfinite)
     return rho, target, finals, sources
 
@@ -179,31 +179,9 @@ def check_output(store: RunStore, out: str | os.PathLike, target: int, config: E
     _refuse_out_inside(out, store.source)
     out = Path(out).resolve()
     newest = layouts.newest_path(store.layout, store.step_records[-1])
-    finals = layouts.output_paths(store.layout, newest, store.steps[-1], target, out)
-    for f in finals:
-        if f.exists() and not config.force:
-            raise StoreError(f"{f}: already exists; pass --force to replace it, or choose another --out")
+    finals = layouts.output_paths(store.layout, newest, store.steps[-1], target, out, config.force)
     writers.check_writable_dir(out)
     return finals
-
-
-def newest_sources(store: RunStore) -> list[Path]:
-    """The newest committed step's weight files, checked to be the files that were ingested."""
-    rec = store.step_records[-1]
-    sources = [Path(p) for p in rec["sources"]]
-    if not all(p.is_absolute() for p in sources):
-        raise StoreError(f"{store.url}: records source paths relative to where ingest ran ({sources[0]}), "
-                         "written by an older farcast; ingest the run into a new --store")
-    if "files" in rec:
-        changed = manifest_change(Path(rec["path"]), rec["files"])
-    else:
-        changed = next((f"{p}: is gone" for p in sources if not p.exists()), None)
-    if changed:
-        raise StoreError(
-            f"{changed}: step {rec['step']}, the newest in {store.url}, is not the checkpoint that was ingested "
-            f"(rotated away, rewritten, or the run restarted into {store.source}); rerun 'farcast ingest'"
-        )
-    return sources
 
 
 class Forecast:

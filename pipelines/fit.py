@@ -18,15 +18,13 @@ import torch
 from farcast_core import timeaxis
 from farcast_core.calibration import PairPlan, plan_pairs
 from farcast_core.dtypes import widen
-from farcast_core.errors import ForecastError, StoreError
+from farcast_core.errors import ForecastError
 from farcast_core.forecaster import FitConfig, Forecasters, Moments, default_device, reduce_values, solve
 from farcast_core.sampling import chunk_seed, sample_index
 from farcast_core.timeaxis import STEPS, TimeAxis
-from storage.artifacts import default_forecaster_path, forecaster_name, save_forecasters
+from storage.artifacts import forecaster_path, save_forecasters
 from storage.lock import StoreLock
 from storage.store import RunStore
-from storage.checkpoints import is_inside
-from storage.writers import check_writable_dir
 
 
 def time_axis(store: RunStore, config: FitConfig) -> TimeAxis:
@@ -262,32 +260,10 @@ def fit(
     store = RunStore.open(store_url)
     axis = time_axis(store, config)
     rho, target = resolve_target(store.steps, target_step, ratio, axis)
-    if out is not None and Path(out).is_file():
-        raise StoreError(f"--out {out} is a file; --out names the directory to save the forecasters in "
-                         f"(as target_{target}.safetensors)")
-    path = Path(out) / forecaster_name(target) if out else default_forecaster_path(str(store_url), target)
-    # the default file beside the store is farcast's own: a refit replaces it
-    path = check_forecaster_path(store, path, force or out is None)
+    path = forecaster_path(out, store.url, store.source, target, force)
     fc = fit_store(store, len(store.steps), rho, config, progress=progress, axis=axis)
     save(store, fc, path, target)
     return fc, path, target
-
-
-def check_forecaster_path(store: RunStore, path: Path, force: bool) -> Path:
-    """Where a forecaster file may go: outside the run's directory and the store, new unless ``force``."""
-    path = Path(path).resolve()
-    if is_inside(path, store.source):
-        raise ForecastError(f"--out {path} is inside the checkpoint directory {store.source}; it would overwrite or "
-                            "pose as one of the run's checkpoints: save the forecasters elsewhere")
-    local = "://" not in store.url or store.url.startswith("file://")
-    if local and is_inside(path, store.url.removeprefix("file://")):
-        raise ForecastError(f"--out {path} is inside the store {store.url}; save the forecasters elsewhere")
-    if path.is_dir():
-        raise StoreError(f"{path} is a directory; move it away or choose another --out")
-    if path.exists() and not force:
-        raise StoreError(f"{path}: already exists; pass --force to replace it, or choose another --out")
-    check_writable_dir(path.parent)
-    return path
 
 
 def save(store: RunStore, fc: Forecasters, path: Path, target: int) -> Path:

@@ -15,11 +15,7 @@ Three thin adapters: ``hf_callback`` (a transformers TrainerCallback), ``lightni
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 import time
-import uuid
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,7 +32,7 @@ from farcast_core.timeaxis import STEPS, TimeAxis, from_facts
 from pipelines.emit import Forecast
 from pipelines.fit import fit_store, resolve_target
 from storage.schedules import scheduler_state
-from storage.store import RunStore, TensorMeta, array_path
+from storage.store import RunStore, TensorMeta, array_path, scratch_location
 
 OPTIMIZER_POLICIES = ("keep", "reset_first", "reset_all")
 KINDS = {  # module kinds that skip_kinds names
@@ -106,14 +102,8 @@ class Jumper:
     def __init__(self, config: JumpConfig = JumpConfig(), axis: TimeAxis = STEPS, store_dir: str | Path | None = None,
                  device: torch.device | None = None, total: int | None = None, retimer: "Retimer | None" = None):
         self.config, self.axis, self.device, self.total, self.retimer = config, axis, device, total, retimer
-        self._own_dir = store_dir is None
-        if config.history == "memory":  # fsspec's in-memory filesystem: for small models
-            self.dir = f"memory://farcast-jump-{uuid.uuid4().hex}"
-            self._finalizer = weakref.finalize(self, _forget_memory, self.dir)
-        else:
-            self.dir = Path(store_dir) if store_dir else Path(tempfile.mkdtemp(prefix="farcast-jump-"))
-            if self._own_dir:  # a history of our own is deleted with the Jumper, even if training dies
-                self._finalizer = weakref.finalize(self, shutil.rmtree, self.dir, True)
+        # a history of its own (no store_dir, or in memory) is deleted with the Jumper, even if training dies
+        self.dir, self._finalizer = scratch_location(self, config.history == "memory", store_dir, "farcast-jump-")
         self.store: RunStore | None = None
         self.rows = 0
         self.jumps: list[JumpRecord] = []
@@ -267,17 +257,8 @@ class Jumper:
 
     def close(self) -> None:
         """Delete the history (when the Jumper made its own directory)."""
-        if self._own_dir or self.config.history == "memory":
+        if self._finalizer is not None:
             self._finalizer()
-
-
-def _forget_memory(url: str) -> None:
-    import fsspec
-
-    fs = fsspec.filesystem("memory")
-    path = url.removeprefix("memory://")
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
 
 
 def _eval(model: torch.nn.Module, loss_fn) -> float:

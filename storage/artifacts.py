@@ -8,10 +8,11 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from farcast_core.errors import StoreError
+from farcast_core.errors import ForecastError, StoreError
 from farcast_core.forecaster import FitConfig, Forecasters
+from storage.checkpoints import is_inside
 from storage.store import VERSION
-from storage.writers import save_safetensors
+from storage.writers import check_writable_dir, save_safetensors
 
 
 def default_forecaster_path(store_url: str, target_step: int) -> Path:
@@ -29,6 +30,35 @@ def default_forecaster_path(store_url: str, target_step: int) -> Path:
         return farcast_home() / "forecasters" / key / forecaster_name(target_step)
     p = Path(url.removeprefix("file://"))
     return p.parent / f"{p.name}.forecasters" / forecaster_name(target_step)
+
+
+def forecaster_path(out: str | os.PathLike | None, store_url: str, source: str, target_step: int,
+                    force: bool = False) -> Path:
+    """Where `farcast fit` saves the forecasters for ``target_step``: in the directory ``out``, or by
+    default beside the store (farcast's own file there: a refit replaces it). Checked before fitting:
+    never inside the run's directory or the store, and an existing file is replaced only with ``force``."""
+    if out is not None and Path(out).is_file():
+        raise StoreError(f"--out {out} is a file; --out names the directory to save the forecasters in "
+                         f"(as {forecaster_name(target_step)})")
+    path = Path(out) / forecaster_name(target_step) if out else default_forecaster_path(str(store_url), target_step)
+    return check_forecaster_path(store_url, source, path, force or out is None)
+
+
+def check_forecaster_path(store_url: str, source: str, path: Path, force: bool) -> Path:
+    """Where a forecaster file may go: outside the run's directory and the store, new unless ``force``."""
+    path = Path(path).resolve()
+    if is_inside(path, source):
+        raise ForecastError(f"--out {path} is inside the checkpoint directory {source}; it would overwrite or "
+                            "pose as one of the run's checkpoints: save the forecasters elsewhere")
+    local = "://" not in store_url or store_url.startswith("file://")
+    if local and is_inside(path, store_url.removeprefix("file://")):
+        raise ForecastError(f"--out {path} is inside the store {store_url}; save the forecasters elsewhere")
+    if path.is_dir():
+        raise StoreError(f"{path} is a directory; move it away or choose another --out")
+    if path.exists() and not force:
+        raise StoreError(f"{path}: already exists; pass --force to replace it, or choose another --out")
+    check_writable_dir(path.parent)
+    return path
 
 
 def forecaster_name(target_step: int) -> str:

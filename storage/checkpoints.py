@@ -20,12 +20,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from farcast_core.errors import CheckpointError
+from farcast_core.errors import CheckpointError, StoreError
 from storage.layouts import dcp, huggingface, safetensors_files, torch_files
 from storage.layouts.base import CheckpointReader, TensorInfo
 
 __all__ = ["Checkpoint", "CheckpointReader", "Discovery", "TensorInfo", "discover", "open_checkpoint", "step_of",
-           "is_inside", "file_manifest", "manifest_change"]
+           "is_inside", "file_manifest", "manifest_change", "ingested_sources"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 NAMING_HELP = (
@@ -212,6 +212,24 @@ def manifest_change(path: Path, recorded: dict[str, list[int]]) -> str | None:
     if extra:
         return f"{base / extra[0]}: appeared since the checkpoint was ingested"
     return None
+
+
+def ingested_sources(rec: dict, store_url: str, source: str) -> list[Path]:
+    """The weight files of the step a store records as ``rec``, checked to be the files that were ingested."""
+    sources = [Path(p) for p in rec["sources"]]
+    if not all(p.is_absolute() for p in sources):
+        raise StoreError(f"{store_url}: records source paths relative to where ingest ran ({sources[0]}), "
+                         "written by an older farcast; ingest the run into a new --store")
+    if "files" in rec:
+        changed = manifest_change(Path(rec["path"]), rec["files"])
+    else:
+        changed = next((f"{p}: is gone" for p in sources if not p.exists()), None)
+    if changed:
+        raise StoreError(
+            f"{changed}: step {rec['step']}, the newest in {store_url}, is not the checkpoint that was ingested "
+            f"(rotated away, rewritten, or the run restarted into {source}); rerun 'farcast ingest'"
+        )
+    return sources
 
 
 def _when(ns: int) -> str:

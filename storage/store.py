@@ -512,3 +512,29 @@ def _read_files(base: Path, chunk: int, row: int, start: int, stop: int, dtype: 
         except FileNotFoundError:
             pass
     return out
+
+
+def scratch_location(owner, in_memory: bool, store_dir: str | os.PathLike | None = None, prefix: str = "farcast-"):
+    """(location, finalizer) of a store that lives as long as ``owner``: in fsspec's memory filesystem,
+    in ``store_dir`` (kept: the caller's), or in a new temporary directory. The finalizer (None for
+    ``store_dir``) deletes it, and runs when ``owner`` is collected or the process exits."""
+    import tempfile
+    import uuid
+    import weakref
+
+    if in_memory:
+        url = f"memory://{prefix}{uuid.uuid4().hex}"
+        return url, weakref.finalize(owner, _forget_memory, url)
+    if store_dir is not None:
+        return Path(store_dir), None
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    return d, weakref.finalize(owner, shutil.rmtree, d, True)
+
+
+def _forget_memory(url: str) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    path = url.removeprefix("memory://")
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

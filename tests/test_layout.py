@@ -44,6 +44,43 @@ def test_core_opens_no_files():
         assert "open" not in calls, f"{f} opens a file"
 
 
+# what touches files: builtins, pathlib methods, modules and functions. Pipelines reach files only through storage.
+FILE_CALLS = {"open"}
+FILE_METHODS = {"read_text", "write_text", "read_bytes", "write_bytes", "exists", "is_file", "is_dir", "iterdir",
+                "mkdir", "unlink", "rmdir", "rename", "touch", "glob", "rglob", "stat", "listdir", "walk", "remove",
+                "makedirs", "rmtree", "copy", "copy2", "copytree", "mkdtemp", "NamedTemporaryFile", "fsync", "load", "save"}
+FILE_MODULES = {"shutil", "tempfile", "fsspec", "pickle"}
+
+
+def file_io(path: Path) -> list[str]:
+    """Calls in ``path`` that touch files (``json.load``/``torch.load``/``p.exists()``...), and I/O modules imported."""
+    found = []
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            if isinstance(f, ast.Name) and f.id in FILE_CALLS:
+                found.append(f"line {node.lineno}: {f.id}()")
+            elif isinstance(f, ast.Attribute) and f.attr in FILE_METHODS:
+                found.append(f"line {node.lineno}: .{f.attr}()")
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [f"line {node.lineno}: imports {n}" for n in names if n.split(".")[0] in FILE_MODULES]
+    return found
+
+
+def test_pipelines_touch_files_only_through_storage():
+    bad = [f"{f.relative_to(REPO)} {what}" for f in sorted((REPO / "pipelines").rglob("*.py")) for what in file_io(f)]
+    assert not bad, "file access belongs in storage/:\n" + "\n".join(bad)
+
+
+def test_the_file_io_checker_catches_file_access(tmp_path):
+    bad = tmp_path / "x.py"
+    bad.write_text("import shutil\nimport json\nfrom pathlib import Path\n"
+                   "def f(p):\n    Path(p).exists()\n    json.load(open(p))\n    return p.split('.')\n")
+    assert file_io(bad) == ["line 1: imports shutil", "line 5: .exists()", "line 6: .load()", "line 6: open()"]
+
+
 def test_the_checker_catches_a_violation(tmp_path):
     bad = tmp_path / "x.py"
     bad.write_text("import zarr\nfrom storage.store import RunStore\n")

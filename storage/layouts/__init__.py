@@ -17,6 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
+from farcast_core.errors import StoreError
 from storage.layouts import dcp, huggingface, safetensors_files, torch_files
 from storage.layouts.base import Forecasted
 from storage.writers import StagedOutput, copy_file
@@ -32,13 +33,18 @@ def newest_path(layout: str, record: dict) -> Path:
     return first.parent if layout in ("hf", "dirs") else first
 
 
-def output_paths(layout: str, newest: Path, newest_step: int, target: int, out: Path) -> list[Path]:
+def output_paths(layout: str, newest: Path, newest_step: int, target: int, out: Path, force: bool = False) -> list[Path]:
     """What ``write`` creates in ``out``: the newest step's name with the target step in it, and for a
-    torch step file a safetensors copy of the weights beside it (any framework can read that one)."""
+    torch step file a safetensors copy of the weights beside it (any framework can read that one).
+    Refuses paths that exist unless ``force``."""
     final = out / rename_step(newest.name, newest_step, target)
+    finals = [final]
     if layout == "files" and newest.suffix != ".safetensors":
-        return [final, final.with_suffix(".safetensors")]
-    return [final]
+        finals.append(final.with_suffix(".safetensors"))
+    for f in finals:
+        if f.exists() and not force:
+            raise StoreError(f"{f}: already exists; pass --force to replace it, or choose another --out")
+    return finals
 
 
 def chunk_passes(layout: str, sources: list[Path], finals: list[Path]) -> int:
