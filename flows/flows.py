@@ -27,12 +27,11 @@ from prefect.artifacts import (  # noqa: E402
 from farcast_core.baselines import METHODS  # noqa: E402
 from farcast_core.errors import FarcastError  # noqa: E402
 from farcast_core.forecaster import FitConfig, default_device  # noqa: E402
-from farcast_core.timeaxis import TimeAxis  # noqa: E402
 from pipelines import backtest as backtest_mod  # noqa: E402
 from pipelines import emit as emit_mod  # noqa: E402
 from pipelines import fit as fit_mod  # noqa: E402
 from pipelines import ingest as ingest_mod  # noqa: E402
-from storage.artifacts import default_forecaster_path  # noqa: E402
+from storage.artifacts import default_forecaster_path, load_forecasters  # noqa: E402
 from storage.runs import run_key  # noqa: E402
 from storage.store import RunStore  # noqa: E402
 
@@ -118,42 +117,34 @@ def backtest_task(store: str, target_step: int | None, ratio: float | None, fit_
 
 
 @task(name="plan-fit")
-def plan_fit_task(store: str, target_step: int | None, ratio: float | None, fit_config: dict) -> dict:
+def plan_fit_task(store: str, target_step: int, fit_config: dict) -> fit_mod.FitPlan:
+    """The fit's plan (pairs, chunk batches), made once and passed to the tasks that reduce and solve."""
     s = RunStore.open(store)
     cfg = FitConfig.from_json(fit_config)
     axis = fit_mod.time_axis(s, cfg)
     get_run_logger().info(axis.describe())
-    rho, target = fit_mod.resolve_target(s.steps, target_step, ratio, axis)
-    plan = fit_mod.plan_fit(s, len(s.steps), rho, cfg, axis)
-    return {"rho": rho, "target_step": target, "n_rows": len(s.steps), "batches": plan.batches, "axis": axis.to_json()}
+    rho, _ = fit_mod.resolve_target(s.steps, target_step, None, axis)
+    return fit_mod.plan_fit(s, len(s.steps), rho, cfg, axis)
 
 
 @task(name="reduce-chunks", **DISK_RETRIES)
-def reduce_chunks_task(store: str, n_rows: int, rho: float, fit_config: dict, axis: dict, keys: list):
+def reduce_chunks_task(store: str, plan: fit_mod.FitPlan, fit_config: dict, keys: list):
     """Read one batch of chunks' sampled rows and reduce them to the moments the refinement needs."""
-    s = RunStore.open(store)
-    cfg = FitConfig.from_json(fit_config)
-    plan = fit_mod.plan_fit(s, n_rows, rho, cfg, TimeAxis.from_json(axis))
-    device = default_device()
-    return fit_mod.reduce_keys(s, plan, [tuple(k) for k in keys], cfg, device).to(torch.device("cpu"), torch.float64)
+    moments = fit_mod.reduce_keys(RunStore.open(store), plan, [tuple(k) for k in keys], FitConfig.from_json(fit_config),
+                                  default_device())
+    return moments.to(torch.device("cpu"), torch.float64)
 
 
 @task(name="solve-and-save", **DISK_RETRIES)
-def save_forecasters_task(store: str, n_rows: int, rho: float, target: int, fit_config: dict, axis: dict,
-                          parts: list) -> str:
+def save_forecasters_task(store: str, plan: fit_mod.FitPlan, target: int, fit_config: dict, parts: list) -> str:
     """Refine every chunk at once (the moments are small) and save the forecasters."""
-    s = RunStore.open(store)
-    cfg = FitConfig.from_json(fit_config)
-    plan = fit_mod.plan_fit(s, n_rows, rho, cfg, TimeAxis.from_json(axis))
-    fc = fit_mod.finish(plan, cfg, parts)
-    return str(fit_mod.save(s, fc, default_forecaster_path(store, target), target))
+    fc = fit_mod.finish(plan, FitConfig.from_json(fit_config), parts)
+    return str(fit_mod.save(RunStore.open(store), fc, default_forecaster_path(store, target), target))
 
 
 @task(name="emit", **DISK_RETRIES)
-def emit_task(store: str, out: str, target_step: int, fit_config: dict, emit_config: dict, report: dict, forecasters: str,
+def emit_task(store: str, out: str, target_step: int, forecasters: str, report: dict, emit_config: dict,
               ckpt_dir: str | None = None) -> dict:
-    from storage.artifacts import load_forecasters
-
     fc, _ = load_forecasters(forecasters)
     bar = _ArtifactProgress(artifact_key("progress-write", ckpt_dir), f"Writing the forecast checkpoint into {out}")
     run_ctx = contextvars.copy_context()  # emit computes chunks on its own threads: update from this task's context
@@ -161,33 +152,42 @@ def emit_task(store: str, out: str, target_step: int, fit_config: dict, emit_con
     def progress(stage, done, total):  # called under emit's lock, so the context is entered by one thread at a time
         run_ctx.run(bar, done, total)
 
-    r = emit_mod.emit(store, out, target_step=target_step, fit_config=FitConfig.from_json(fit_config),
-                      config=emit_mod.EmitConfig(**emit_config), report=report, forecasters=fc, progress=progress)
+    r = emit_mod.write_forecast(store, out, target_step, fc, report, emit_mod.EmitConfig(**emit_config), progress)
     get_run_logger().info("emitted the forecast of step %d: %s", r.target_step, r.path)
     return {"emitted": str(r.path), "target_step": r.target_step, "files": r.files}
+
+
+@task(name="check-output")
+def check_output_task(store: str, out: str, target_step: int | None, ratio: float | None, cfg: dict,
+                      emit_cfg: dict) -> int:
+    """Before any fit: the target resolves, --out is usable, the newest checkpoint is the one ingested."""
+    return emit_mod.check_before_fit(store, out, target_step, ratio, FitConfig.from_json(cfg),
+                                     emit_mod.EmitConfig(**emit_cfg))
 
 
 # ------------------------------------------------------------------ flows
 
 
-# Stage bodies of the farcast flow: plain functions that call tasks, on the flow's task runner.
+# The stages of the farcast flow: plain functions that call tasks (on the flow's task runner) and
+# report to Prefect (artifacts, logs); each takes the previous stage's result.
 
 
-def _fit(store: str, target_step: int | None, ratio: float | None, cfg: dict, ckpt_dir: str | None = None) -> dict:
-    plan = plan_fit_task(store, target_step, ratio, cfg)
+def fit_stage(store: str, target_step: int, cfg: dict, ckpt_dir: str | None = None) -> dict:
+    """Plan once, reduce the chunk batches in parallel tasks, solve and save: the forecasters' file."""
+    plan = plan_fit_task(store, target_step, cfg)
     progress = _ArtifactProgress(artifact_key("progress-fit", ckpt_dir), f"Fitting chunk forecasters of {ckpt_dir or store}")
-    futures = reduce_chunks_task.map(unmapped(store), unmapped(plan["n_rows"]), unmapped(plan["rho"]), unmapped(cfg),
-                                  unmapped(plan["axis"]), plan["batches"])
+    futures = reduce_chunks_task.map(unmapped(store), unmapped(plan), unmapped(cfg), plan.batches)
     parts = []
     for n, fut in enumerate(futures):
         parts.append(fut.result())
         progress(n + 1, len(futures))
-    path = save_forecasters_task(store, plan["n_rows"], plan["rho"], plan["target_step"], cfg, plan["axis"], parts)
-    return {"forecasters": path, "target_step": plan["target_step"], "rho": plan["rho"], "batches": len(parts)}
+    path = save_forecasters_task(store, plan, target_step, cfg, parts)
+    return {"forecasters": path, "target_step": target_step, "rho": plan.rho, "batches": len(parts)}
 
 
-def _backtest(store: str, target_step: int | None, ratio: float | None, cfg: dict, ckpt_dir: str | None = None) -> dict:
-    report = backtest_task(store, target_step, ratio, cfg, ckpt_dir)
+def backtest_stage(store: str, fitted: dict, cfg: dict, ckpt_dir: str | None = None) -> dict:
+    """The backtest of the fitted target (its own fit on the run's earlier steps): the verdict emit obeys."""
+    report = backtest_task(store, fitted["target_step"], None, cfg, ckpt_dir)
     rows = []
     for axis, r in report["axes"].items():
         if "error" in r:
@@ -212,20 +212,9 @@ def _verdict(report: dict) -> str:
             f"worse than keeping the newest weights (MAE {f:.3g} vs {p:.3g}): emit refuses unless allow_worse")
 
 
-@task(name="check-output")
-def check_output_task(store: str, out: str, target_step: int | None, ratio: float | None, cfg: dict,
-                      emit_cfg: dict) -> int:
-    """Before any fit: the target resolves, --out is usable, the newest checkpoint is the one ingested."""
-    return emit_mod.check_before_fit(store, out, target_step, ratio, FitConfig.from_json(cfg),
-                                     emit_mod.EmitConfig(**emit_cfg))
-
-
-def _emit(store: str, out: str, target_step: int | None, ratio: float | None, cfg: dict, emit_cfg: dict,
-          ckpt_dir: str | None = None) -> dict:
-    check_output_task(store, out, target_step, ratio, cfg, emit_cfg)
-    fitted = _fit(store, target_step, ratio, cfg, ckpt_dir)
-    report = _backtest(store, fitted["target_step"], None, cfg, ckpt_dir)
-    result = emit_task(store, out, fitted["target_step"], cfg, emit_cfg, report, fitted["forecasters"], ckpt_dir)
+def emit_stage(store: str, out: str, fitted: dict, report: dict, emit_cfg: dict, ckpt_dir: str | None = None) -> dict:
+    """The forecasters written as a checkpoint, if the backtest allows."""
+    result = emit_task(store, out, fitted["target_step"], fitted["forecasters"], report, emit_cfg, ckpt_dir)
     create_markdown_artifact(
         key=artifact_key("emitted", ckpt_dir),
         markdown=f"# Forecast checkpoint of {ckpt_dir or store}\n\nStep **{result['target_step']}** written to "
@@ -233,7 +222,7 @@ def _emit(store: str, out: str, target_step: int | None, ratio: float | None, cf
                  f"**{report['farcast_vs_persistence']:.3f}**\n",
         description="Where the forecast checkpoint was written",
     )
-    return {**result, "backtest": report}
+    return result
 
 
 @flow(name="farcast")
@@ -256,8 +245,11 @@ def farcast_flow(ckpt_dir: str, out: str, target_step: int | None = None, ratio:
         return Completed(message=why, data={"status": "nothing new", "steps": ingested["present"], "store": store})
     if only_if_new:
         emit_cfg["force"] = True  # a scheduled run refreshes its forecast
-    return {"status": "emitted", "store": store, "ingest": ingested,
-            **_emit(store, out, target_step, ratio, fit_config, emit_cfg, ckpt_dir)}
+    target = check_output_task(store, out, target_step, ratio, fit_config, emit_cfg)  # before any fit
+    fitted = fit_stage(store, target, fit_config, ckpt_dir)
+    report = backtest_stage(store, fitted, fit_config, ckpt_dir)
+    emitted = emit_stage(store, out, fitted, report, emit_cfg, ckpt_dir)
+    return {"status": "emitted", "store": store, "ingest": ingested, **emitted, "backtest": report}
 
 
 def make_deployment(ckpt_dir: str, out: str, ratio: float | None = None, target_step: int | None = None,

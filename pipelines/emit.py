@@ -71,38 +71,45 @@ def emit(
     forecasters: Forecasters | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> EmitResult:
-    """Forecast ``target_step`` (or ``ratio``) and write it into ``out``.
-
-    Uses ``forecasters`` when given (from ``farcast fit``, fitted on this run's steps for this
-    target), else fits them on the whole run. ``report`` is the backtest, computed if absent.
+    """Forecast ``target_step`` (or ``ratio``) and write it into ``out``: the backtest (unless
+    ``report`` is given), the fit (unless ``forecasters`` are given: from ``farcast fit``, fitted on
+    this run's steps for this target) and ``write_forecast``, for callers that hold only a store.
     ``progress(stage, done, total)``: called as the backtest, the fit ("fit", per batch) and the
     writing ("write", per chunk written) advance.
     """
     store = RunStore.open(store_url)
     axis = time_axis(store, fit_config)
     # before any fit: a bad --out, a rewritten checkpoint or a NaN to copy costs nothing
-    rho, target, finals, sources = _checks(store, axis, out, target_step, ratio, config,
-                                           set(forecasters.excluded) if forecasters else None)
-
+    rho, target, _, _ = _checks(store, axis, out, target_step, ratio, config,
+                                set(forecasters.excluded) if forecasters else None)
     if forecasters is not None:
-        fc_axis = (forecasters.axis or {}).get("name", "steps")
-        if forecasters.steps != store.steps or abs(forecasters.rho - rho) > 1e-9 or fc_axis != axis.name:
-            raise ForecastError(
-                f"the forecasters were fitted for ratio {forecasters.rho:.4g} ({fc_axis} axis) on steps "
-                f"{forecasters.steps[0]}..{forecasters.steps[-1]}, not ratio {rho:.4g} ({axis.name} axis) on steps "
-                f"{store.steps[0]}..{store.steps[-1]}; refit with 'farcast fit'"
-            )
+        _check_fitted_for(forecasters, store, rho, axis)
     report = report or backtest(store.url, target_step=target, config=fit_config, compare_axes=False, axis=axis,
                                 progress=progress)
-    f, p = report["methods"]["farcast"]["mae"], report["methods"]["persistence"]["mae"]
-    if not f < p and not config.allow_worse:
-        raise ForecastError(
-            f"the backtest says the forecast is worse than keeping the newest weights: farcast MAE {f:.4e} vs "
-            f"persistence MAE {p:.4e} (ratio {report['farcast_vs_persistence']:.3f}); not emitted. "
-            "Try a smaller ratio, or pass --allow-worse to emit anyway"
-        )
+    _refuse_if_worse(report, config)
     fc = forecasters or fit_store(store, len(store.steps), rho, fit_config, axis=axis,
                                   progress=(lambda d, n: progress("fit", d, n)) if progress else None)
+    return write_forecast(store, out, target, fc, report, config, progress)
+
+
+def write_forecast(
+    store: RunStore | str | os.PathLike,
+    out: str | os.PathLike,
+    target_step: int,
+    forecasters: Forecasters,
+    report: dict,
+    config: EmitConfig = EmitConfig(),
+    progress: Callable[[str, int, int], None] | None = None,
+) -> EmitResult:
+    """The emit stage: the forecast of ``target_step`` by ``forecasters`` (fitted on this run's steps for
+    this target) written into ``out``, in the layout of the run's newest checkpoint, when ``report``
+    (the backtest) says the forecast beats keeping the newest weights (or ``config.allow_worse``)."""
+    store = store if isinstance(store, RunStore) else RunStore.open(store)
+    axis = time_axis(store, forecasters.config)
+    rho, target, finals, sources = _checks(store, axis, out, target_step, None, config, set(forecasters.excluded))
+    _check_fitted_for(forecasters, store, rho, axis)
+    _refuse_if_worse(report, config)
+    fc = forecasters
     forecast = Forecast(store, fc, config.nonfinite)
     if progress:  # every chunk is computed once per weights file written
         forecast.on_chunk = _counter(progress, "write", layouts.chunk_passes(store.layout, sources, finals)
@@ -126,6 +133,26 @@ def emit(
     )
     path, files = layouts.write(store.layout, sources, finals, checkpoint, config.force)
     return EmitResult(path, target, report, files)
+
+
+def _check_fitted_for(fc: Forecasters, store: RunStore, rho: float, axis) -> None:
+    fc_axis = (fc.axis or {}).get("name", "steps")
+    if fc.steps != store.steps or abs(fc.rho - rho) > 1e-9 or fc_axis != axis.name:
+        raise ForecastError(
+            f"the forecasters were fitted for ratio {fc.rho:.4g} ({fc_axis} axis) on steps "
+            f"{fc.steps[0]}..{fc.steps[-1]}, not ratio {rho:.4g} ({axis.name} axis) on steps "
+            f"{store.steps[0]}..{store.steps[-1]}; refit with 'farcast fit'"
+        )
+
+
+def _refuse_if_worse(report: dict, config: EmitConfig) -> None:
+    f, p = report["methods"]["farcast"]["mae"], report["methods"]["persistence"]["mae"]
+    if not f < p and not config.allow_worse:
+        raise ForecastError(
+            f"the backtest says the forecast is worse than keeping the newest weights: farcast MAE {f:.4e} vs "
+            f"persistence MAE {p:.4e} (ratio {report['farcast_vs_persistence']:.3f}); not emitted. "
+            "Try a smaller ratio, or pass --allow-worse to emit anyway"
+        )
 
 
 def _counter(progress: Callable[[str, int, int], None], stage: str, total: int) -> Callable[[], None]:
