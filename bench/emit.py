@@ -26,15 +26,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from farcast_core.forecaster import FitConfig  # noqa: E402
-from pipelines.fit import fit  # noqa: E402
-from pipelines.ingest import ingest  # noqa: E402
-from storage.writers import save_safetensors  # noqa: E402
+from farcast.pipelines.fit import fit  # noqa: E402
+from farcast.pipelines.ingest import ingest  # noqa: E402
+from farcast.storage.writers import save_safetensors  # noqa: E402
 
 CHILD = """
 import json, sys, time
 sys.path.insert(0, {repo!r})
-from pipelines.emit import EmitConfig, emit
-from storage.artifacts import load_forecasters
+from farcast.pipelines.emit import EmitConfig, emit
+from farcast.storage.artifacts import load_forecasters
 fc, _ = load_forecasters({fc!r})
 report = {{"methods": {{"farcast": {{"mae": 0.0}}, "persistence": {{"mae": 1.0}}}}, "farcast_vs_persistence": 0.0, "backtest_from": 0}}
 t = time.perf_counter()

@@ -39,7 +39,7 @@ def trainer_run(out: Path) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import DistilBertConfig, DistilBertForMaskedLM, Trainer, TrainerCallback, TrainingArguments
 
-    from pipelines.demo import text_blocks
+    from farcast.examples import text_blocks
 
     blocks = text_blocks(seq=64)
     g = torch.Generator().manual_seed(0)
@@ -71,7 +71,7 @@ def big_run(out: Path, params: int = 50_000_000, every: int = 5, checkpoints: in
     """An MLP of about ``params`` parameters trained with Adam on random regression data."""
     import torch
 
-    from storage.writers import save_safetensors
+    from farcast.storage.writers import save_safetensors
 
     torch.manual_seed(0)
     width = int((params / 2) ** 0.5)
@@ -92,9 +92,9 @@ def big_run(out: Path, params: int = 50_000_000, every: int = 5, checkpoints: in
 CHILD = r"""
 import json, sys, time
 sys.path.insert(0, {repo!r})
-import pipelines.fit as F
+import farcast.pipelines.fit as F
 from farcast_core.forecaster import FitConfig
-from storage.store import RunStore
+from farcast.storage.store import RunStore
 spent = dict(plan=0.0, read=0.0, reduce=0.0, solve=0.0, save=0.0)
 def timed(key, f):
     def g(*a, **k):
@@ -130,7 +130,7 @@ print(json.dumps(dict(total=total, spent=spent, rss_before_mib=rss0 / 1024, rss_
 INGEST = r"""
 import sys, time
 sys.path.insert(0, {repo!r})
-from pipelines.ingest import ingest
+from farcast.pipelines.ingest import ingest
 t = time.perf_counter()
 ingest({run!r}, {store!r})
 print(time.perf_counter() - t)

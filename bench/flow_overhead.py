@@ -22,14 +22,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.demo import write_digits_run  # noqa: E402
+from farcast.examples import write_digits_run  # noqa: E402
 
 DIRECT = """
 import json, sys, time
 t0 = time.perf_counter()
 sys.path.insert(0, {repo!r})
-from pipelines.emit import EmitConfig, emit
-from pipelines.ingest import ingest
+from farcast.pipelines.emit import EmitConfig, emit
+from farcast.pipelines.ingest import ingest
 ingest({run!r}, {store!r})
 emit({store!r}, {out!r}, ratio=1.5, config=EmitConfig(allow_worse=True))
 print(json.dumps({{"total": time.perf_counter() - t0}}))
@@ -39,7 +39,7 @@ FLOW = """
 import json, sys, time
 t0 = time.perf_counter()
 sys.path.insert(0, {repo!r})
-from flows.flows import farcast_flow, with_runner
+from farcast.flows.flows import farcast_flow, with_runner
 flow = with_runner(farcast_flow, {runner!r}, workers=2, dask_processes={processes!r})
 t1 = time.perf_counter()
 flow({run!r}, {out!r}, ratio=1.5, store={store!r}, emit_config={{"allow_worse": True}})

@@ -40,12 +40,12 @@ sys.path.insert(0, str(REPO))
 
 from farcast_core.baselines import METHODS  # noqa: E402
 from farcast_core.forecaster import FitConfig  # noqa: E402
-from pipelines.backtest import backtest  # noqa: E402
-from pipelines.demo import train_with_trainer, write_digits_run  # noqa: E402
-from pipelines.fit import fit_store, time_axis  # noqa: E402
-from pipelines.ingest import ingest  # noqa: E402
-from storage.store import RunStore  # noqa: E402
-from storage.writers import save_safetensors  # noqa: E402
+from farcast.pipelines.backtest import backtest  # noqa: E402
+from farcast.examples import train_with_trainer, write_digits_run  # noqa: E402
+from farcast.pipelines.fit import fit_store, time_axis  # noqa: E402
+from farcast.pipelines.ingest import ingest  # noqa: E402
+from farcast.storage.store import RunStore  # noqa: E402
+from farcast.storage.writers import save_safetensors  # noqa: E402
 
 VARIANTS = {
     "default (.5,.8)": FitConfig(),

@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from storage.writers import save_safetensors  # noqa: E402
+from farcast.storage.writers import save_safetensors  # noqa: E402
 
 
 def make_run(d: Path, params: int, steps: int) -> int:
@@ -62,7 +62,7 @@ def timed_ingest(src: Path, store: Path, budget_mb: int) -> tuple[float, int]:
     shutil.rmtree(store, ignore_errors=True)
     code = (
         "import sys; sys.path.insert(0, %r)\n"
-        "from pipelines.ingest import ingest, IngestConfig\n"
+        "from farcast.pipelines.ingest import ingest, IngestConfig\n"
         "ingest(%r, %r, IngestConfig(memory_budget_mb=%d))\n"
         # VmHWM of this process's own memory; ru_maxrss from wait4 would include the
         # benchmark's memory at fork time, which Linux carries across exec

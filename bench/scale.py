@@ -86,7 +86,7 @@ sys.path.insert(0, {str(REPO)!r})
 
 def stage_ingest(run: Path, store: Path) -> dict:
     return child(PRELUDE + f"""
-from pipelines.ingest import ingest
+from farcast.pipelines.ingest import ingest
 t = time.perf_counter()
 ingest({str(run)!r}, {str(store)!r})
 os.sync()
@@ -104,7 +104,7 @@ def stage_copy(run: Path, dest: Path) -> dict:
 def stage_fit(store: Path, out: Path) -> dict:
     return child(PRELUDE + f"""
 import torch
-from pipelines.fit import fit
+from farcast.pipelines.fit import fit
 torch.zeros(1)
 t = time.perf_counter()
 fc, path, target = fit({str(store)!r}, ratio=2.0, out={str(out)!r}, force=True)
@@ -114,8 +114,8 @@ print(json.dumps({{"s": time.perf_counter() - t, "rss": {HWM}, "target": target,
 
 def stage_emit(store: Path, fc: Path, out: Path) -> dict:
     return child(PRELUDE + f"""
-from pipelines.emit import EmitConfig, emit
-from storage.artifacts import load_forecasters
+from farcast.pipelines.emit import EmitConfig, emit
+from farcast.storage.artifacts import load_forecasters
 fc, _ = load_forecasters({str(fc)!r})
 report = {{"methods": {{"farcast": {{"mae": 0.0}}, "persistence": {{"mae": 1.0}}}}, "farcast_vs_persistence": 0.0,
           "backtest_from": 0}}

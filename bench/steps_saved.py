@@ -35,8 +35,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.demo import DigitsMLP, digits_split, eval_loss, text_blocks, tiny_gpt2  # noqa: E402
-from pipelines.jump import JumpConfig, TorchJumper, hf_callback  # noqa: E402
+from farcast.examples import DigitsMLP, digits_split, eval_loss, text_blocks, tiny_gpt2  # noqa: E402
+from farcast.adapters import TorchJumper, hf_callback  # noqa: E402
+from farcast.pipelines.jump import JumpConfig  # noqa: E402
 
 
 def variants(every: int) -> dict[str, JumpConfig | None]:

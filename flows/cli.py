@@ -154,7 +154,7 @@ def ingest(ckpt_dir, store, memory_budget_mb, allow_pickle, workers, as_json, qu
 
     Later commands given CKPT_DIR (fit, backtest, emit, run, serve) use this store.
     """
-    from pipelines.ingest import IngestConfig, ingest as run_ingest, steps_text
+    from farcast.pipelines.ingest import IngestConfig, ingest as run_ingest, steps_text
 
     bars = Bars(quiet)
     cfg = IngestConfig(memory_budget_mb=memory_budget_mb, allow_pickle=allow_pickle, workers=workers)
@@ -235,7 +235,7 @@ def _as_store(path: str, store: str | None, bars: Bars, allow_pickle: bool = Fal
     only) into --store, or the store an earlier ingest of PATH used, or its default store."""
     from pathlib import Path
 
-    from pipelines.ingest import IngestConfig, ingest as run_ingest, store_for
+    from farcast.pipelines.ingest import IngestConfig, ingest as run_ingest, store_for
 
     if _is_store(path):
         if store:
@@ -278,7 +278,7 @@ def _source_options(f):
 def fit(ckpt_dir_or_store, target_step, ratio, out, force, store, allow_pickle, as_json, quiet, **fit_opts) -> None:
     """Fit the forecasters of a run (a checkpoint dir or a store) for a target and save them."""
     from farcast_core.timeaxis import TimeAxis
-    from pipelines.fit import fit as run_fit
+    from farcast.pipelines.fit import fit as run_fit
 
     bars = Bars(quiet or as_json)
     store = _as_store(ckpt_dir_or_store, store, bars, allow_pickle, echo=not as_json)
@@ -307,8 +307,8 @@ def fit(ckpt_dir_or_store, target_step, ratio, out, force, store, allow_pickle, 
 def backtest(ckpt_dir_or_store, target_step, ratio, store, allow_pickle, forecaster, per_tensor, as_json, quiet,
              **fit_opts) -> None:
     """Backtest the farcaster against the baselines on a run (a checkpoint dir or a store)."""
-    from pipelines.backtest import backtest as run_backtest, format_table
-    from storage.artifacts import load_forecasters
+    from farcast.pipelines.backtest import backtest as run_backtest, format_table
+    from farcast.storage.artifacts import load_forecasters
 
     bars = Bars(quiet or as_json)
     store = _as_store(ckpt_dir_or_store, store, bars, allow_pickle, echo=not as_json)
@@ -336,7 +336,7 @@ def _emit_options(f):
 
 
 def _print_emitted(result, as_json: bool) -> None:
-    from pipelines.backtest import format_table
+    from farcast.pipelines.backtest import format_table
 
     if as_json:
         click.echo(json.dumps({"emitted": str(result.path), "target_step": result.target_step,
@@ -360,8 +360,8 @@ def emit(ckpt_dir_or_store, target_step, ratio, out, optimizer, force, allow_wor
     """Write the forecast checkpoint of a run (a checkpoint dir or a store) at the target step, in the run's own layout."""
     from pathlib import Path
 
-    from pipelines.emit import EmitConfig, check_request, emit as run_emit
-    from storage.artifacts import load_forecasters
+    from farcast.pipelines.emit import EmitConfig, check_request, emit as run_emit
+    from farcast.storage.artifacts import load_forecasters
 
     cfg = EmitConfig(optimizer=optimizer, force=force, allow_worse=allow_worse, allow_pickle=allow_pickle,
                      nonfinite=nonfinite)
@@ -378,7 +378,7 @@ def emit(ckpt_dir_or_store, target_step, ratio, out, optimizer, force, allow_wor
 def _emit_request(ckpt_dir: str, out: str, target_step, ratio, **emit_opts) -> dict:
     """The emit settings as the flow takes them, refused before any work if bad (with the request's
     target and --out, checked against CKPT_DIR before it is ingested)."""
-    from pipelines.emit import EmitConfig, check_request
+    from farcast.pipelines.emit import EmitConfig, check_request
 
     EmitConfig(**emit_opts)
     check_request(ckpt_dir, out, target_step, ratio)
@@ -419,22 +419,22 @@ def run(ckpt_dir, target_step, ratio, out, optimizer, force, allow_worse, nonfin
         dask_processes, verbose, direct, allow_pickle, as_json, quiet, **fit_opts) -> None:
     """The whole job: ingest CKPT_DIR, fit, backtest, emit the forecast checkpoint into OUT (a Prefect flow)."""
     _verbose(verbose)
-    from pipelines.emit import EmitConfig
-    from pipelines.ingest import store_for
+    from farcast.pipelines.emit import EmitConfig
+    from farcast.pipelines.ingest import store_for
 
     store = store or store_for(ckpt_dir)
     fit_cfg = _fit_config(**fit_opts)
     emit_cfg = _emit_request(ckpt_dir, out, target_step, ratio, optimizer=optimizer, force=force,
                              allow_worse=allow_worse, allow_pickle=allow_pickle, nonfinite=nonfinite)
     if direct:
-        from pipelines.emit import emit as run_emit
+        from farcast.pipelines.emit import emit as run_emit
 
         bars = Bars(quiet or as_json)
         store = _as_store(ckpt_dir, store, bars, allow_pickle, echo=not as_json)
         result = run_emit(store, out, target_step, ratio, fit_cfg, EmitConfig(**emit_cfg), progress=bars)
         _print_emitted(result, as_json)
         return
-    from flows.flows import farcast_flow, with_runner
+    from farcast.flows.flows import farcast_flow, with_runner
 
     _quiet_user_errors()
     f = with_runner(farcast_flow, runner, dask_address, workers, dask_processes)
@@ -442,7 +442,7 @@ def run(ckpt_dir, target_step, ratio, out, optimizer, force, allow_worse, nonfin
     if as_json:
         click.echo(json.dumps({k: r[k] for k in ("emitted", "target_step", "files", "backtest", "store")}))
         return
-    from pipelines.backtest import format_table
+    from farcast.pipelines.backtest import format_table
 
     click.echo(format_table(r["backtest"]))
     click.echo(f"emitted the forecast for step {r['target_step']}: {r['emitted']}")
@@ -481,7 +481,7 @@ def serve(ckpt_dir, target_step, ratio, out, optimizer, force, allow_worse, nonf
                              allow_worse=allow_worse, allow_pickle=allow_pickle, nonfinite=nonfinite)
     from prefect import serve as prefect_serve
 
-    from flows.flows import make_deployment
+    from farcast.flows.flows import make_deployment
 
     d = make_deployment(ckpt_dir, out, ratio, target_step, interval, cron, store, fit_cfg.to_json(), name,
                         emit_config=emit_cfg, runner=runner, dask_address=dask_address, workers=workers,
@@ -549,7 +549,7 @@ def _quiet_flow(f, quiet: bool):
 @click.option("--ratio", default=2.0, show_default=True, help="Forecast ratio: farcast sees steps/ratio steps.")
 def demo(out, steps, every, ratio) -> None:
     """Train a small model with the HF Trainer, forecast it with the flow, resume from the forecast, plot."""
-    from flows.demo import run_demo
+    from farcast.flows.demo import run_demo
 
     run_demo(out, steps, every, ratio, echo=lambda m: click.echo(m))
 

@@ -36,10 +36,10 @@ def run_demo(out: str | os.PathLike = "farcast-demo", steps: int = 400, every: i
     missing = [m for m in ("sklearn", "transformers", "matplotlib") if importlib.util.find_spec(m) is None]
     if missing:
         raise FarcastError(f"farcast demo needs {', '.join(missing)}: pip install 'farcast[demo]' (make demo does)")
-    from flows.flows import farcast_flow
-    from pipelines import demo
-    from pipelines.backtest import format_table
-    from storage.plots import plot_demo
+    from farcast.flows.flows import farcast_flow
+    from farcast import examples as demo
+    from farcast.pipelines.backtest import format_table
+    from farcast.storage.plots import plot_demo
 
     out = Path(out).resolve()
     _fresh(out)

@@ -27,13 +27,13 @@ from prefect.artifacts import (  # noqa: E402
 from farcast_core.baselines import METHODS  # noqa: E402
 from farcast_core.errors import FarcastError  # noqa: E402
 from farcast_core.forecaster import FitConfig, default_device  # noqa: E402
-from pipelines import backtest as backtest_mod  # noqa: E402
-from pipelines import emit as emit_mod  # noqa: E402
-from pipelines import fit as fit_mod  # noqa: E402
-from pipelines import ingest as ingest_mod  # noqa: E402
-from storage.artifacts import default_forecaster_path, load_forecasters  # noqa: E402
-from storage.runs import run_key  # noqa: E402
-from storage.store import RunStore  # noqa: E402
+from farcast.pipelines import backtest as backtest_mod  # noqa: E402
+from farcast.pipelines import emit as emit_mod  # noqa: E402
+from farcast.pipelines import fit as fit_mod  # noqa: E402
+from farcast.pipelines import ingest as ingest_mod  # noqa: E402
+from farcast.storage.artifacts import default_forecaster_path, load_forecasters  # noqa: E402
+from farcast.storage.runs import run_key  # noqa: E402
+from farcast.storage.store import RunStore  # noqa: E402
 
 
 def artifact_key(kind: str, ckpt_dir: str | None) -> str:

@@ -21,8 +21,8 @@ from farcast_core.errors import ForecastError, ScheduleEndError
 from farcast_core.forecaster import FitConfig, Forecasters, forecast_rows
 from farcast_core.series import at, backtest_row
 from farcast_core.timeaxis import TimeAxis
-from pipelines.fit import fit_store, resolve_target, standstill, time_axis
-from storage.store import RunStore
+from farcast.pipelines.fit import fit_store, resolve_target, standstill, time_axis
+from farcast.storage.store import RunStore
 
 
 def backtest(

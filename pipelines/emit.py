@@ -26,12 +26,12 @@ from farcast_core.calibration import feature_interps
 from farcast_core.dtypes import DTYPES, from_storage, nonfinite, to_storage, widen
 from farcast_core.errors import ConfigError, ForecastError
 from farcast_core.forecaster import FitConfig, Forecasters, forecast_rows
-from pipelines.backtest import backtest
+from farcast.pipelines.backtest import backtest
 from farcast_core.schedules import multiplier
-from pipelines.fit import excluded_tensors, fit_store, resolve_target, time_axis
-from storage import layouts, writers
-from storage.checkpoints import ingested_sources, is_inside
-from storage.store import VERSION, RunStore, TensorMeta
+from farcast.pipelines.fit import excluded_tensors, fit_store, resolve_target, time_axis
+from farcast.storage import layouts, writers
+from farcast.storage.checkpoints import ingested_sources, is_inside
+from farcast.storage.store import VERSION, RunStore, TensorMeta
 
 
 

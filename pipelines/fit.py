@@ -22,9 +22,9 @@ from farcast_core.errors import ForecastError
 from farcast_core.forecaster import FitConfig, Forecasters, Moments, default_device, reduce_values, solve
 from farcast_core.sampling import chunk_seed, sample_index
 from farcast_core.timeaxis import STEPS, TimeAxis
-from storage.artifacts import forecaster_path, save_forecasters
-from storage.lock import StoreLock
-from storage.store import RunStore
+from farcast.storage.artifacts import forecaster_path, save_forecasters
+from farcast.storage.lock import StoreLock
+from farcast.storage.store import RunStore
 
 
 def time_axis(store: RunStore, config: FitConfig) -> TimeAxis:

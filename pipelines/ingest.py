@@ -27,13 +27,13 @@ from farcast_core.chunks import plan
 from farcast_core.dtypes import DTYPES, nonfinite
 from farcast_core.errors import CheckpointError, ConfigError, SequenceMismatchError, StoreError
 from farcast_core.sampling import SAMPLE, SEED
-from storage.checkpoints import (
+from farcast.storage.checkpoints import (
     Checkpoint, Discovery, TensorInfo, discover, file_manifest, is_inside, manifest_change, open_checkpoint,
 )
-from storage.lock import StoreLock
-from storage.runs import default_store, remember_store, store_for
-from storage.schedules import read_schedule_facts
-from storage.store import RunStore, TensorMeta, array_path, check_store_path
+from farcast.storage.lock import StoreLock
+from farcast.storage.runs import default_store, remember_store, store_for
+from farcast.storage.schedules import read_schedule_facts
+from farcast.storage.store import RunStore, TensorMeta, array_path, check_store_path
 
 
 @dataclass(frozen=True)

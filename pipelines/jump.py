@@ -8,8 +8,9 @@ evaluates a loss at the current and the forecast weights and rejects worse forec
 jumps replace the weights, apply the optimizer policy and advance the step counters and the
 learning-rate schedule to the target step.
 
-Three thin adapters: ``hf_callback`` (a transformers TrainerCallback), ``lightning_callback``
-(a Lightning Callback) and ``TorchJumper`` (call ``after_step`` in a plain loop).
+The framework adapters that drive it live in ``farcast.adapters``: ``hf_callback`` (a transformers
+TrainerCallback), ``lightning_callback`` (a Lightning Callback) and ``TorchJumper`` (call
+``after_step`` in a plain loop).
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from farcast_core.errors import ForecastError, ScheduleEndError
 from farcast_core.forecaster import FitConfig
 from farcast_core.schedules import Schedule
 from farcast_core.timeaxis import STEPS, TimeAxis, from_facts
-from pipelines.emit import Forecast
-from pipelines.fit import fit_store, resolve_target
-from storage.schedules import scheduler_state
-from storage.store import RunStore, TensorMeta, array_path, scratch_location
+from farcast.pipelines.emit import Forecast
+from farcast.pipelines.fit import fit_store, resolve_target
+from farcast.storage.schedules import scheduler_state
+from farcast.storage.store import RunStore, TensorMeta, array_path, scratch_location
 
 OPTIMIZER_POLICIES = ("keep", "reset_first", "reset_all")
 KINDS = {  # module kinds that skip_kinds names
@@ -364,143 +365,4 @@ def loop_jumper(config: JumpConfig, scheduler, total: int | None, store_dir=None
     return Jumper(config, schedule_axis(scheduler, total, config.fit), store_dir, total=total, retimer=retimer)
 
 
-# ---------------------------------------------------------------- plain torch
-
-
-class TorchJumper:
-    """For a plain training loop: call ``step = jumper.after_step(step)`` after each optimizer step.
-
-    ``step`` is the global step just completed (1 after the first optimizer step); the return
-    value is the global step to continue from (the target after a jump). ``loss_fn(model)``
-    evaluates the guard loss (a few held batches). The initial weights are recorded at step 0.
-    """
-
-    def __init__(self, model, optimizer, scheduler=None, loss_fn=None, config: JumpConfig = JumpConfig(),
-                 total_steps: int | None = None, store_dir=None):
-        self.model, self.optimizer, self.scheduler, self.loss_fn = model, optimizer, scheduler, loss_fn
-        self.jumper = loop_jumper(config, scheduler, total_steps, store_dir)
-        self.jumper.record(0, self.jumper.params(model))
-
-    def summary(self) -> dict:
-        return self.jumper.summary()
-
-    def close(self) -> None:
-        self.jumper.close()
-
-    def after_step(self, step: int) -> int:
-        target = self.jumper.step(self.model, step, self.loss_fn, self.optimizer)
-        if target is None:
-            return step
-        advance_scheduler(self.scheduler, target - step)
-        return target
-
-
-# ---------------------------------------------------------------- Hugging Face Trainer
-
-
-def hf_callback(config: JumpConfig = JumpConfig(), guard_batches: list[dict] | None = None,
-                loss_fn: Callable | None = None, store_dir=None):
-    """A ``transformers.TrainerCallback`` that jumps the Trainer's model.
-
-    The guard loss is ``loss_fn(model)``, or the mean of ``model(**batch).loss`` over
-    ``guard_batches``. A taken jump sets ``state.global_step`` to the target and steps the
-    learning-rate scheduler there, so the schedule continues from the target and training ends
-    at ``max_steps`` of the jumped count (the real optimizer steps saved).
-    """
-    from transformers import TrainerCallback
-
-    if loss_fn is None and guard_batches is not None:
-        loss_fn = _batches_loss(guard_batches)
-
-    class FarcastJumpCallback(TrainerCallback):
-        def __init__(self):
-            self.jumper: Jumper | None = None
-
-        def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, **kw):
-            self.jumper = loop_jumper(config, _inner(lr_scheduler), state.max_steps, store_dir)
-            self.jumper.record(state.global_step, self.jumper.params(model))
-
-        def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
-            step = state.global_step
-            target = self.jumper.step(model, step, loss_fn, _inner(optimizer))
-            if target is not None:
-                advance_scheduler(_inner(lr_scheduler), target - step)
-                state.global_step = target
-                if state.global_step >= state.max_steps:
-                    control.should_training_stop = True
-
-        def on_train_end(self, args, state, control, **kw):
-            if self.jumper is not None:
-                self.summary = self.jumper.summary()
-                self.jumper.close()
-
-    return FarcastJumpCallback()
-
-
-def _inner(obj):
-    """The torch optimizer or scheduler behind accelerate's wrappers."""
-    for attr in ("optimizer", "scheduler"):
-        inner = getattr(obj, attr, None)
-        if inner is not None and type(obj).__name__.startswith("Accelerated"):
-            return inner
-    return obj
-
-
-def _batches_loss(batches: list[dict]) -> Callable:
-    def loss(model):
-        device = next(model.parameters()).device
-        total = 0.0
-        for b in batches:
-            out = model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()})
-            total += float(out["loss"] if isinstance(out, dict) else out.loss)
-        return total / len(batches)
-
-    return loss
-
-
-# ---------------------------------------------------------------- Lightning
-
-
-def lightning_callback(config: JumpConfig = JumpConfig(), loss_fn: Callable | None = None, store_dir=None):
-    """A Lightning ``Callback`` that jumps the LightningModule (automatic optimization, one optimizer).
-
-    ``loss_fn(module)`` is the guard loss. A taken jump advances the trainer's optimizer-step
-    counter (``trainer.global_step``) and every step-interval scheduler to the target.
-    """
-    import lightning as L
-
-    class FarcastJumpCallback(L.Callback):
-        def __init__(self):
-            self.jumper: Jumper | None = None
-
-        def on_train_start(self, trainer, pl_module):
-            sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
-            per_step = bool(trainer.lr_scheduler_configs) and trainer.lr_scheduler_configs[0].interval == "step"
-            total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-            self.jumper = loop_jumper(config, sched if per_step else None, total, store_dir)
-            self.jumper.record(trainer.global_step, self.jumper.params(pl_module))
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            step = trainer.global_step
-            target = self.jumper.step(pl_module, step, loss_fn, trainer.optimizers[0] if trainer.optimizers else None)
-            if target is None:
-                return
-            delta = target - step
-            progress = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step
-            progress.total.ready += delta
-            progress.total.completed += delta
-            trainer.fit_loop.epoch_loop._batches_that_stepped += delta
-            for cfg in trainer.lr_scheduler_configs:
-                if cfg.interval == "step":
-                    advance_scheduler(cfg.scheduler, delta)
-
-        def on_train_end(self, trainer, pl_module):
-            if self.jumper is not None:
-                self.summary = self.jumper.summary()
-                self.jumper.close()
-
-    return FarcastJumpCallback()
-
-
-__all__ = ["JumpConfig", "Jumper", "Retimer", "TorchJumper", "hf_callback", "lightning_callback", "reset_optimizer",
-           "advance_scheduler", "schedule_axis"]
+__all__ = ["JumpConfig", "Jumper", "Retimer", "reset_optimizer", "advance_scheduler", "schedule_axis", "loop_jumper"]

@@ -10,9 +10,9 @@ from safetensors import safe_open
 
 from farcast_core.errors import ForecastError, StoreError
 from farcast_core.forecaster import FitConfig, Forecasters
-from storage.checkpoints import is_inside
-from storage.store import VERSION
-from storage.writers import check_writable_dir, save_safetensors
+from farcast.storage.checkpoints import is_inside
+from farcast.storage.store import VERSION
+from farcast.storage.writers import check_writable_dir, save_safetensors
 
 
 def default_forecaster_path(store_url: str, target_step: int) -> Path:
@@ -23,7 +23,7 @@ def default_forecaster_path(store_url: str, target_step: int) -> Path:
         import hashlib
         import re
 
-        from storage.runs import farcast_home
+        from farcast.storage.runs import farcast_home
 
         slug = re.sub(r"[^A-Za-z0-9._-]+", "-", url.split("://", 1)[1]).strip("-")[-60:]
         key = f"{slug}-{hashlib.sha1(url.encode()).hexdigest()[:10]}"

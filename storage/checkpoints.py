@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from farcast_core.errors import CheckpointError, StoreError
-from storage.layouts import dcp, huggingface, safetensors_files, torch_files
-from storage.layouts.base import CheckpointReader, TensorInfo
+from farcast.storage.layouts import dcp, huggingface, safetensors_files, torch_files
+from farcast.storage.layouts.base import CheckpointReader, TensorInfo
 
 __all__ = ["Checkpoint", "CheckpointReader", "Discovery", "TensorInfo", "discover", "open_checkpoint", "step_of",
            "is_inside", "file_manifest", "manifest_change", "ingested_sources"]

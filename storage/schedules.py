@@ -13,9 +13,9 @@ import math
 from pathlib import Path
 
 from farcast_core.errors import CheckpointError
-from storage.checkpoints import Checkpoint
-from storage.layouts import huggingface
-from storage.layouts.torch_files import load_torch_file
+from farcast.storage.checkpoints import Checkpoint
+from farcast.storage.layouts import huggingface
+from farcast.storage.layouts.torch_files import load_torch_file
 
 
 def read_schedule_facts(ckpt: Checkpoint, allow_pickle: bool = False) -> dict | None:

@@ -44,7 +44,7 @@ from farcast_core.chunks import ChunkPlan
 from farcast_core.dtypes import DTYPES
 from farcast_core.errors import StoreError
 from farcast_core.sampling import SampleLayout
-from storage.lock import LOCK_NAME
+from farcast.storage.lock import LOCK_NAME
 
 FORMAT = 1
 

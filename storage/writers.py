@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from farcast_core.errors import StoreError
-from storage.lock import pid_alive
+from farcast.storage.lock import pid_alive
 
 
 @contextmanager

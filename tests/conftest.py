@@ -24,7 +24,7 @@ def prefect_harness():
 
 def digits_states(steps: int = 12, every: int = 3, dtype: torch.dtype = torch.float32, seed: int = 0):
     """A digits MLP trained for real with Adam: [(step, state_dict)] every ``every`` steps, from 0."""
-    from pipelines.demo import train_digits
+    from farcast.examples import train_digits
 
     return train_digits(steps=steps, every=every, dtype=dtype, seed=seed)
 

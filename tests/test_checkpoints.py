@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from farcast_core.errors import CheckpointError, FarcastError
-from storage.checkpoints import discover, open_checkpoint, step_of
+from farcast.storage.checkpoints import discover, open_checkpoint, step_of
 from tests.conftest import bits, library_state
 
 
@@ -223,7 +223,7 @@ def test_ingesting_safetensors_does_not_import_torch(safetensors_run, tmp_path):
 
     code = (
         "import sys; sys.path.insert(0, %r)\n"
-        "from pipelines.ingest import ingest\n"
+        "from farcast.pipelines.ingest import ingest\n"
         "ingest(%r, %r)\n"
         "print('torch' in sys.modules)\n" % (str(__import__('pathlib').Path(__file__).resolve().parents[1]), str(safetensors_run), str(tmp_path / "s"))
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from flows.cli import main
+from farcast.flows.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def test_skipped_checkpoints_are_reported(hf_run, tmp_path):
 def test_bad_input_is_one_line_and_nonzero_in_a_real_process(tmp_path):
     (tmp_path / "empty").mkdir()
     p = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "ingest", str(tmp_path / "empty"), "--store", str(tmp_path / "s")],
+        [sys.executable, "-m", "farcast.flows.cli", "ingest", str(tmp_path / "empty"), "--store", str(tmp_path / "s")],
         capture_output=True, text=True, cwd=REPO,
     )
     assert p.returncode != 0
@@ -58,7 +58,7 @@ def test_truncated_file_names_file_and_tensor(safetensors_run, tmp_path):
 
 
 def test_long_step_lists_are_shortened():
-    from pipelines.ingest import steps_text as _steps_text
+    from farcast.pipelines.ingest import steps_text as _steps_text
 
     assert _steps_text([0, 3, 6]) == "[0, 3, 6]"
     assert _steps_text(list(range(0, 181, 3))) == "[0, 3, 6, ..., 174, 177, 180]"
@@ -67,7 +67,7 @@ def test_long_step_lists_are_shortened():
 def test_commands_given_the_run_directory_reuse_the_store_ingest_made(tmp_path, monkeypatch):
     """fit, backtest and emit take the checkpoint directory and use the store of the earlier 'ingest --store':
     no second copy of the run under FARCAST_HOME; steps saved since are ingested into it first."""
-    from pipelines.demo import write_digits_run
+    from farcast.examples import write_digits_run
 
     monkeypatch.setenv("FARCAST_HOME", str(tmp_path / "home"))
     run = write_digits_run(tmp_path / "run", steps=30, every=5)
@@ -94,10 +94,10 @@ def test_progress_bars_only_on_a_terminal(tmp_path, monkeypatch):
     """Each stage's bar reaches its total on a terminal; no bar when stderr is not one, or with --quiet."""
     import io
 
-    from flows.cli import Bars
-    from pipelines.demo import write_digits_run
-    from pipelines.emit import EmitConfig, emit
-    from pipelines.ingest import ingest
+    from farcast.flows.cli import Bars
+    from farcast.examples import write_digits_run
+    from farcast.pipelines.emit import EmitConfig, emit
+    from farcast.pipelines.ingest import ingest
 
     run = write_digits_run(tmp_path / "run", steps=30, every=5)
     ingest(run, tmp_path / "s")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from farcast_core.errors import FarcastError
-from flows.demo import run_demo
+from farcast.flows.demo import run_demo
 
 
 def test_short_demo_end_to_end(prefect_harness, tmp_path):
@@ -46,7 +46,7 @@ def test_plot_x_axis_is_optimizer_steps_spent(tmp_path, monkeypatch):
     run ends; the steps saved are the distance between the two at the goal loss."""
     import matplotlib.figure
 
-    from storage.plots import plot_demo
+    from farcast.storage.plots import plot_demo
 
     plain = {s: 1.0 - s / 500 for s in range(0, 401, 20)}
     resumed = {s: 0.2 - (s - 400) / 1000 for s in range(400, 601, 20)}

@@ -10,11 +10,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from farcast_core.errors import FarcastError, ForecastError, StoreError
-from flows.cli import main
-from pipelines.demo import train_digits, write_digits_run
-from pipelines.emit import EmitConfig, emit
-from storage.layouts import rename_step
-from pipelines.ingest import ingest
+from farcast.flows.cli import main
+from farcast.examples import train_digits, write_digits_run
+from farcast.pipelines.emit import EmitConfig, emit
+from farcast.storage.layouts import rename_step
+from farcast.pipelines.ingest import ingest
 from tests.conftest import StopAt, bits, hf_args, tiny_gpt2, token_data
 
 ANY = EmitConfig(allow_worse=True)  # resuming is under test here, not forecast quality
@@ -164,7 +164,7 @@ def test_plain_torch_container_resumes_on_schedule(tmp_path):
     """A {"model", "optimizer", "scheduler", "step"} .pt emitted at 300 from a run observed to 200: the
     schedule is read from the scheduler state, and the resumed loop's learning rate at 300 and 301 is
     the real run's (it stayed at 200's before)."""
-    from pipelines.demo import DigitsMLP, digits_split
+    from farcast.examples import DigitsMLP, digits_split
 
     train, _ = digits_split()
     x, y = torch.stack([t["pixels"] for t in train]), torch.stack([t["labels"] for t in train])
@@ -340,8 +340,8 @@ def test_the_emitted_weights_are_the_backtests_forecast(digits_store, tmp_path):
 
     from farcast_core.calibration import feature_interps
     from farcast_core.forecaster import FitConfig, apply, forecast_rows
-    from pipelines.fit import fit_store, resolve_target, time_axis
-    from storage.store import RunStore
+    from farcast.pipelines.fit import fit_store, resolve_target, time_axis
+    from farcast.storage.store import RunStore
 
     store = RunStore.open(digits_store)
     axis = time_axis(store, FitConfig())

@@ -22,10 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.demo import write_digits_run
-from pipelines.ingest import ingest
-from storage.checkpoints import discover
-from storage.store import TMP_DIR, RunStore
+from farcast.examples import write_digits_run
+from farcast.pipelines.ingest import ingest
+from farcast.storage.checkpoints import discover
+from farcast.storage.store import TMP_DIR, RunStore
 from tests.conftest import store_equals_sources
 
 ENV = {**os.environ, "FARCAST_LOCK_WAIT": "1", "PYTHONWARNINGS": "ignore"}
@@ -34,7 +34,7 @@ ENV = {**os.environ, "FARCAST_LOCK_WAIT": "1", "PYTHONWARNINGS": "ignore"}
 def farcast(*args, cwd: Path | None = None, env: dict | None = None, prefix: list[str] | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess:
     """The real command in a fresh process."""
-    cmd = [*(prefix or []), sys.executable, "-m", "flows.cli", *map(str, args)]
+    cmd = [*(prefix or []), sys.executable, "-m", "farcast.flows.cli", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env={**ENV, **(env or {})}, timeout=timeout)
 
 
@@ -42,7 +42,7 @@ def cli(*args, cwd: Path | None = None, env: dict | None = None) -> subprocess.C
     """The command run in this process (faster; for cases that need no process of their own)."""
     from click.testing import CliRunner
 
-    from flows.cli import main
+    from farcast.flows.cli import main
 
     old = Path.cwd()
     try:
@@ -84,7 +84,7 @@ def run(tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def big_states():
     """A wide digits MLP (1.2M parameters, 5 MB a step): ingest and emit take long enough to be killed midway."""
-    from pipelines.demo import train_digits
+    from farcast.examples import train_digits
 
     return train_digits(steps=45, every=5, optimizer="adam", lr=1e-3, hidden=16384)
 
@@ -100,7 +100,7 @@ def write_run(d: Path, states) -> Path:
 
 PAUSE_AFTER_FIRST_COMMIT = """
 import os, signal, sys
-from storage.store import RunStore
+from farcast.storage.store import RunStore
 real = RunStore.commit
 def commit(self, row, record, schedule=None):
     real(self, row, record, schedule)
@@ -108,7 +108,7 @@ def commit(self, row, record, schedule=None):
         open({marker!r}, "w").close()
         os.kill(os.getpid(), signal.SIGSTOP)  # stopped holding the store, as a user's SIGSTOP would
 RunStore.commit = commit
-from flows.cli import main
+from farcast.flows.cli import main
 main(["ingest", {run!r}, "--store", {store!r}, "--workers", "1"])
 """
 
@@ -142,7 +142,7 @@ def test_concurrent_ingest_waits_then_refuses_naming_the_holder(run, tmp_path):
 def test_a_lock_left_by_a_killed_process_is_taken_over(run, tmp_path):
     store = tmp_path / "store"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from storage.lock import StoreLock\n"
+        "import time; from farcast.storage.lock import StoreLock\n"
         f"with StoreLock({str(store)!r}):\n    print('held', flush=True); time.sleep(300)")],
         stdout=subprocess.PIPE, text=True, env=ENV)
     assert holder.stdout.readline().strip() == "held"
@@ -162,7 +162,7 @@ def test_object_store_lock_names_a_holder_elsewhere_and_takes_over_a_dead_one():
     import fsspec
 
     from farcast_core.errors import StoreLockedError
-    from storage.lock import StoreLock
+    from farcast.storage.lock import StoreLock
 
     url = f"memory://farcast-lock-test-{os.getpid()}/store"
     fs, path = fsspec.core.url_to_fs(url + "/.farcast.lock")
@@ -194,7 +194,7 @@ def test_a_commit_never_rewrites_a_committed_row(run, tmp_path):
 
 
 def _kill_at_random(cmd_args, delay: float, env=None) -> int:
-    p = subprocess.Popen([sys.executable, "-m", "flows.cli", *map(str, cmd_args)], env={**ENV, **(env or {})},
+    p = subprocess.Popen([sys.executable, "-m", "farcast.flows.cli", *map(str, cmd_args)], env={**ENV, **(env or {})},
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(delay)
     p.kill()
@@ -263,7 +263,7 @@ def test_a_killed_replacement_puts_the_previous_output_back(run, tmp_path):
     out.mkdir()
     (out / ".farcast-old-999999-step_000090.safetensors").write_bytes(b"previous")
     (out / ".farcast-tmp-999999-step_000090.safetensors").write_bytes(b"half")
-    from storage.writers import sweep_leftovers
+    from farcast.storage.writers import sweep_leftovers
 
     assert sweep_leftovers(out) == [".farcast-tmp-999999-step_000090.safetensors"]
     assert (out / "step_000090.safetensors").read_bytes() == b"previous"
@@ -315,7 +315,7 @@ def nobody_dir():
     d = Path(tempfile.mkdtemp(prefix="farcast-perm-"))
     d.chmod(0o755)
     prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
-    probe = subprocess.run([*prefix, sys.executable, "-c", "import flows.cli"], capture_output=True, text=True)
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import farcast.flows.cli"], capture_output=True, text=True)
     if probe.returncode != 0:
         shutil.rmtree(d)
         pytest.skip(f"'nobody' cannot run this checkout: {probe.stderr.strip()[-200:]}")
@@ -379,7 +379,7 @@ def ingested(run, tmp_path):
 def test_bad_option_values_are_one_line_and_exit_2(ingested, args, words):
     from click.testing import CliRunner
 
-    from flows.cli import main
+    from farcast.flows.cli import main
 
     before = {p: p.stat().st_mtime_ns for p in ingested["store"].rglob("*")}
     r = CliRunner().invoke(main, [a.format(**ingested) for a in args])
@@ -497,9 +497,9 @@ def test_repro_6_half_written_trainer_state_is_not_a_checkpoint(hf_run, tmp_path
 
 
 def test_repro_6b_schedule_facts_unreadable_at_commit_are_read_again(hf_run, tmp_path, monkeypatch):
-    import pipelines.ingest
+    import farcast.pipelines.ingest
 
-    monkeypatch.setattr(pipelines.ingest, "read_schedule_facts", lambda *a: None)  # unreadable at the commit
+    monkeypatch.setattr(farcast.pipelines.ingest, "read_schedule_facts", lambda *a: None)  # unreadable at the commit
     ingest(hf_run, tmp_path / "store")
     assert RunStore.open(tmp_path / "store").schedule is None
     monkeypatch.undo()
@@ -534,7 +534,7 @@ def test_repro_7_damaged_first_checkpoint_leaves_no_tensor_list(tmp_path, digits
 def test_file_vanishing_mid_ingest_commits_nothing_of_its_step(run, tmp_path):
     code = f"""
 import os
-from storage.layouts import safetensors_files as checkpoints
+from farcast.storage.layouts import safetensors_files as checkpoints
 real = checkpoints.SafetensorsReader.read
 def read(self, name, start=0, stop=None):
     path = self._where[name][0]
@@ -542,7 +542,7 @@ def read(self, name, start=0, stop=None):
         os.rename(path, {str(tmp_path / "held.safetensors")!r})  # rotated by the trainer mid-read
     return real(self, name, start, stop)
 checkpoints.SafetensorsReader.read = read
-from flows.cli import main
+from farcast.flows.cli import main
 main(["ingest", {str(run)!r}, "--store", {str(tmp_path / "store")!r}, "--workers", "1"])
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
@@ -594,8 +594,8 @@ def test_leftovers_of_killed_processes_are_removed(run, tmp_path):
 def test_existing_output_is_refused_before_any_fit(run, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    import pipelines.emit
-    from flows.cli import main
+    import farcast.pipelines.emit
+    from farcast.flows.cli import main
 
     ingest(run, tmp_path / "store")
     (tmp_path / "out").mkdir()
@@ -604,8 +604,8 @@ def test_existing_output_is_refused_before_any_fit(run, tmp_path, monkeypatch):
     def no_fit(*a, **k):
         raise AssertionError("fitted before checking --out")
 
-    monkeypatch.setattr(pipelines.emit, "backtest", no_fit)
-    monkeypatch.setattr(pipelines.emit, "fit_store", no_fit)
+    monkeypatch.setattr(farcast.pipelines.emit, "backtest", no_fit)
+    monkeypatch.setattr(farcast.pipelines.emit, "fit_store", no_fit)
     r = CliRunner().invoke(main, ["emit", str(tmp_path / "store"), "--out", str(tmp_path / "out"), "--ratio", "1.5"])
     assert r.exit_code == 2 and "already exists; pass --force" in r.stderr, r.output
 

@@ -9,13 +9,13 @@ from safetensors.torch import load_file, save_file
 
 from farcast_core.errors import ForecastError
 from farcast_core.forecaster import FitConfig
-from flows.cli import main
-from pipelines.backtest import backtest
-from pipelines.demo import write_digits_run
-from pipelines.fit import fit, fit_store
-from pipelines.ingest import IngestConfig, ingest
-from storage.artifacts import load_forecasters
-from storage.store import RunStore
+from farcast.flows.cli import main
+from farcast.pipelines.backtest import backtest
+from farcast.examples import write_digits_run
+from farcast.pipelines.fit import fit, fit_store
+from farcast.pipelines.ingest import IngestConfig, ingest
+from farcast.storage.artifacts import load_forecasters
+from farcast.storage.store import RunStore
 
 FAST = FitConfig(iters=60)
 
@@ -132,7 +132,7 @@ def test_backtest_command_on_a_checkpoint_dir_and_fit_command(tmp_path, monkeypa
 def test_the_sample_ingest_keeps_is_what_the_fit_would_read_from_the_chunks(tmp_path, monkeypatch):
     """Ingest keeps each chunk's sampled values in one small array; fitting from it gives the same
     forecasters as reading the chunks themselves (bf16 weights, steps appended by a second ingest)."""
-    import pipelines.fit as F
+    import farcast.pipelines.fit as F
 
     run = tmp_path / "run"
     write_digits_run(run, steps=30, every=5, optimizer="adam", lr=1e-3, hidden=128)
@@ -164,7 +164,7 @@ def test_gpu_batches_are_sized_from_free_memory(monkeypatch):
     """On a GPU the reduction batch grows to a quarter of the free memory; on the CPU it is the config's."""
     import types
 
-    import pipelines.fit as F
+    import farcast.pipelines.fit as F
 
     assert F.device_batch(torch.device("cpu"), 13, 4096, 32) == 32
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 80 * 2**30))

@@ -6,11 +6,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from flows.cli import main
-from pipelines.demo import write_digits_run
-from pipelines.emit import EmitConfig, emit
-from pipelines.fit import fit
-from pipelines.ingest import ingest
+from farcast.flows.cli import main
+from farcast.examples import write_digits_run
+from farcast.pipelines.emit import EmitConfig, emit
+from farcast.pipelines.fit import fit
+from farcast.pipelines.ingest import ingest
 
 ANY = {"allow_worse": True}
 
@@ -21,7 +21,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_flow_writes_the_same_bytes_as_the_pipelines(prefect_harness, run_dir, tmp_path):
-    from flows.flows import farcast_flow
+    from farcast.flows.flows import farcast_flow
 
     r = farcast_flow(str(run_dir), str(tmp_path / "flow"), ratio=1.5, store=str(tmp_path / "s1"), emit_config=ANY)
     assert r["status"] == "emitted" and r["target_step"] == 90
@@ -29,7 +29,7 @@ def test_flow_writes_the_same_bytes_as_the_pipelines(prefect_harness, run_dir, t
     direct = emit(tmp_path / "s2", tmp_path / "direct", ratio=1.5, config=EmitConfig(allow_worse=True))
     assert (tmp_path / "flow" / direct.path.name).read_bytes() == direct.path.read_bytes()
     # the forecasters the flow fitted task by task equal the ones fitted in one call
-    from storage.artifacts import default_forecaster_path, load_forecasters
+    from farcast.storage.artifacts import default_forecaster_path, load_forecasters
 
     _, path, _ = fit(tmp_path / "s2", ratio=1.5)
     a, _ = load_forecasters(default_forecaster_path(str(tmp_path / "s1"), 90))
@@ -38,7 +38,7 @@ def test_flow_writes_the_same_bytes_as_the_pipelines(prefect_harness, run_dir, t
 
 
 def test_dask_local_cluster_matches_threads(prefect_harness, run_dir, tmp_path):
-    from flows.flows import farcast_flow, with_runner
+    from farcast.flows.flows import farcast_flow, with_runner
 
     cfg = {"lam": 1.0, "batch_chunks": 2, "iters": 40}  # several mapped fit tasks
     from farcast_core.forecaster import FitConfig
@@ -71,7 +71,7 @@ def test_run_command_through_the_flow(prefect_harness, run_dir, tmp_path):
 def test_serve_deployment_schedule_and_nothing_new(prefect_harness, run_dir, tmp_path):
     from prefect.client.orchestration import get_client
 
-    from flows.flows import farcast_flow, make_deployment
+    from farcast.flows.flows import farcast_flow, make_deployment
 
     d = make_deployment(str(run_dir), str(tmp_path / "out"), ratio=1.5, interval=600, store=str(tmp_path / "s"))
     dep_id = d.apply()
@@ -109,7 +109,7 @@ def test_artifacts_are_created(prefect_harness, run_dir, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-    from flows.flows import farcast_flow
+    from farcast.flows.flows import farcast_flow
 
     state = farcast_flow(str(run_dir), str(tmp_path / "o"), ratio=1.5, store=str(tmp_path / "s"), emit_config=ANY,
                          return_state=True)
@@ -120,7 +120,7 @@ def test_artifacts_are_created(prefect_harness, run_dir, tmp_path):
             return await client.read_artifacts(artifact_filter=ArtifactFilter(
                 key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
 
-    from flows.flows import artifact_key
+    from farcast.flows.flows import artifact_key
 
     key = artifact_key("backtest", str(run_dir))
     assert key.startswith("farcast-backtest-run-") and key != artifact_key("backtest", str(tmp_path / "run"))

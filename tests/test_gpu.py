@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from pipelines.emit import EmitConfig, emit
-from pipelines.fit import fit_store, resolve_target, time_axis
-from pipelines.ingest import ingest
-from storage.store import RunStore
+from farcast.pipelines.emit import EmitConfig, emit
+from farcast.pipelines.fit import fit_store, resolve_target, time_axis
+from farcast.pipelines.ingest import ingest
+from farcast.storage.store import RunStore
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")]
 
@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_cuda_fit_agrees_with_the_cpu_fit(tmp_path):
     from farcast_core.calibration import feature_interps
     from farcast_core.forecaster import FitConfig
-    from pipelines.demo import write_digits_run
+    from farcast.examples import write_digits_run
 
     run = write_digits_run(tmp_path / "run", steps=60, every=5, optimizer="adam", lr=1e-3, hidden=512)
     ingest(run, tmp_path / "store")
@@ -36,7 +36,7 @@ def test_cuda_fit_agrees_with_the_cpu_fit(tmp_path):
 
 
 def test_emit_from_a_cuda_fit_is_finite(tmp_path):
-    from pipelines.demo import write_digits_run
+    from farcast.examples import write_digits_run
     from safetensors.torch import load_file
 
     run = write_digits_run(tmp_path / "run", steps=60, every=5, optimizer="adam", lr=1e-3)

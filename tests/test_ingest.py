@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 from farcast_core.errors import CheckpointError, SequenceMismatchError, StoreError
-from pipelines.ingest import IngestConfig, ingest
-from storage.checkpoints import discover
-from storage.store import RunStore
+from farcast.pipelines.ingest import IngestConfig, ingest
+from farcast.storage.checkpoints import discover
+from farcast.storage.store import RunStore
 from tests.conftest import store_equals_sources
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,8 +179,8 @@ def test_run_not_starting_at_step_zero_warns(safetensors_run, tmp_path):
 CRASHER = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
-from storage.store import RunStore
-from pipelines.ingest import ingest, IngestConfig
+from farcast.storage.store import RunStore
+from farcast.pipelines.ingest import ingest, IngestConfig
 
 real_write, seen = RunStore.write, []
 
@@ -245,7 +245,7 @@ def test_reading_chunk_files_directly_equals_zarrs_reads(tmp_path, dtype, monkey
     """RunStore.read and read_sample take local plain chunks from their files (zarr's per-call
     overhead is ~1 ms); every span, across chunk edges and at the ragged last chunk, must equal what
     zarr itself reads."""
-    monkeypatch.setattr("storage.store.SAMPLE_CHUNK", 1000)  # the sample array in several chunks
+    monkeypatch.setattr("farcast.storage.store.SAMPLE_CHUNK", 1000)  # the sample array in several chunks
     g = torch.Generator().manual_seed(0)
     run = tmp_path / "run"
     run.mkdir()

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from farcast_core.errors import ForecastError
-from pipelines.demo import DigitsMLP, digits_split
-from pipelines.jump import JumpConfig, Jumper, TorchJumper, hf_callback, lightning_callback, reset_optimizer
+from farcast.examples import DigitsMLP, digits_split
+from farcast.adapters import TorchJumper, hf_callback, lightning_callback
+from farcast.pipelines.jump import JumpConfig, Jumper, reset_optimizer
 from tests.conftest import tiny_gpt2, token_data
 
 NO_GUARD = dict(guard=False, every=10, record_every=5)

@@ -1,27 +1,41 @@
-"""The one-way import rule of docs/style.md: flows -> pipelines -> {storage, farcast_core}."""
+"""The one-way import rule of docs/style.md: flows -> pipelines -> {storage, farcast_core}, and the
+package ``farcast`` (its folder: the public API, the framework adapters, the example runs) on top.
+
+The folders pipelines/, storage/ and flows/ install as farcast.pipelines, farcast.storage and
+farcast.flows; the rule speaks of the folders."""
 
 import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("farcast_core", "storage", "pipelines", "flows")
+PACKAGES = ("farcast_core", "storage", "pipelines", "flows", "farcast")
+MAPPED = ("pipelines", "storage", "flows")  # farcast.<these> are folders of their own
 # what each package may import, of the project's packages and the I/O or orchestration libraries
 ALLOWED = {
     "farcast_core": {"farcast_core"},
     "storage": {"storage", "farcast_core", "zarr", "safetensors"},
     "pipelines": {"pipelines", "storage", "farcast_core", "zarr", "safetensors"},
-    "flows": {"flows", "pipelines", "storage", "farcast_core", "zarr", "safetensors", "prefect", "prefect_dask"},
+    "flows": {"flows", "pipelines", "storage", "farcast_core", "zarr", "safetensors", "prefect", "prefect_dask", "farcast"},
+    "farcast": {"farcast", "flows", "pipelines", "storage", "farcast_core"},
 }
 WATCHED = set(PACKAGES) | {"zarr", "safetensors", "prefect", "prefect_dask"}
+
+
+def _folder(module: str) -> str:
+    """The folder (or library) an imported module comes from: farcast.pipelines.fit -> pipelines."""
+    parts = module.split(".")
+    if parts[0] == "farcast" and len(parts) > 1 and parts[1] in MAPPED:
+        return parts[1]
+    return parts[0]
 
 
 def imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
+            found |= {_folder(a.name) for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
+            found.add(_folder(node.module))
     return found
 
 
@@ -83,5 +97,20 @@ def test_the_file_io_checker_catches_file_access(tmp_path):
 
 def test_the_checker_catches_a_violation(tmp_path):
     bad = tmp_path / "x.py"
-    bad.write_text("import zarr\nfrom storage.store import RunStore\n")
-    assert imports(bad) == {"zarr", "storage"}
+    bad.write_text("import zarr\nfrom farcast.storage.store import RunStore\nimport farcast.adapters\n")
+    assert imports(bad) == {"zarr", "storage", "farcast"}
+
+
+def test_installed_names_do_not_collide(tmp_path):
+    """A user's project with its own pipelines/, storage/ and flows/ imports its own; farcast's are
+    farcast.pipelines, farcast.storage and farcast.flows."""
+    import subprocess
+    import sys
+
+    for name in MAPPED:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"MINE = {name!r}\n")
+    code = ("import pipelines, storage, flows, farcast, farcast.pipelines.fit, farcast.storage.store, farcast.flows.cli\n"
+            "print(pipelines.MINE, storage.MINE, flows.MINE, farcast.fit.__module__, farcast.__version__ != '')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["pipelines", "storage", "flows", "farcast.pipelines.fit", "True"]

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pipelines.demo import write_digits_run
+from farcast.examples import write_digits_run
 
 ANY = {"allow_worse": True}
 
@@ -37,8 +37,8 @@ def s3(monkeypatch):
 
 @pytest.mark.slow  # a Dask cluster of processes and an S3 server: about a minute
 def test_flow_on_s3_with_a_dask_cluster_matches_a_local_store(prefect_harness, s3, tmp_path, monkeypatch):
-    from flows.flows import farcast_flow, local_cluster, with_runner
-    from storage.store import RunStore
+    from farcast.flows.flows import farcast_flow, local_cluster, with_runner
+    from farcast.storage.store import RunStore
 
     monkeypatch.setenv("FARCAST_HOME", str(tmp_path / "home"))
     run = write_digits_run(tmp_path / "run", steps=40, every=5, optimizer="adam", lr=1e-3)

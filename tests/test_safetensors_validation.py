@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from farcast_core.errors import CheckpointError
-from storage.layouts.safetensors_files import read_safetensors_header
+from farcast.storage.layouts.safetensors_files import read_safetensors_header
 
 DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
 

@@ -13,15 +13,15 @@ from farcast_core.forecaster import FitConfig
 from farcast_core.schedules import Schedule
 from farcast_core.series import forecast_series
 from farcast_core.timeaxis import choose, from_facts
-from flows.cli import main
-from pipelines.backtest import backtest, format_table
-from pipelines.emit import EmitConfig, emit
-from pipelines.fit import resolve_target, time_axis
-from pipelines.ingest import ingest
-from storage.checkpoints import discover
-from storage.schedules import read_schedule_facts
-from storage.store import RunStore
-from storage.writers import save_safetensors
+from farcast.flows.cli import main
+from farcast.pipelines.backtest import backtest, format_table
+from farcast.pipelines.emit import EmitConfig, emit
+from farcast.pipelines.fit import resolve_target, time_axis
+from farcast.pipelines.ingest import ingest
+from farcast.storage.checkpoints import discover
+from farcast.storage.schedules import read_schedule_facts
+from farcast.storage.store import RunStore
+from farcast.storage.writers import save_safetensors
 from tests.conftest import tiny_gpt2, token_data
 from tests.test_emit import StopAt
 

@@ -18,9 +18,9 @@ import shutil
 from pathlib import Path
 
 from farcast_core.errors import StoreError
-from storage.layouts import dcp, huggingface, safetensors_files, torch_files
-from storage.layouts.base import Forecasted
-from storage.writers import StagedOutput, copy_file
+from farcast.storage.layouts import dcp, huggingface, safetensors_files, torch_files
+from farcast.storage.layouts.base import Forecasted
+from farcast.storage.writers import StagedOutput, copy_file
 
 __all__ = ["Forecasted", "newest_path", "output_paths", "chunk_passes", "write", "rename_step"]
 

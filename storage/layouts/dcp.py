@@ -9,8 +9,8 @@ import numpy as np
 
 from farcast_core.dtypes import DTYPES, dtype_of, to_storage
 from farcast_core.errors import CheckpointError
-from storage.layouts.base import DAMAGED as _DAMAGED, CheckpointReader, Forecasted, TensorInfo
-from storage.writers import naming
+from farcast.storage.layouts.base import DAMAGED as _DAMAGED, CheckpointReader, Forecasted, TensorInfo
+from farcast.storage.writers import naming
 
 SHARD_SUFFIX = ".distcp"
 METADATA = ".metadata"

@@ -17,9 +17,9 @@ from farcast_core.dtypes import DTYPES
 from farcast_core.errors import CheckpointError
 from farcast_core.schedules import NAMES, multiplier
 from farcast_core.timeaxis import training_args_schedule
-from storage.layouts.base import Forecasted
-from storage.layouts.torch_files import advance_scheduler, load_torch_file, save_torch, set_lr
-from storage.writers import copy_file
+from farcast.storage.layouts.base import Forecasted
+from farcast.storage.layouts.torch_files import advance_scheduler, load_torch_file, save_torch, set_lr
+from farcast.storage.writers import copy_file
 
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE = ("model.safetensors", "pytorch_model.bin")

@@ -13,8 +13,8 @@ import numpy as np
 
 from farcast_core.dtypes import DTYPES, SAFETENSORS_DTYPES
 from farcast_core.errors import CheckpointError, StoreError
-from storage.layouts.base import DAMAGED as _DAMAGED, CheckpointReader, Forecasted, TensorInfo
-from storage.writers import naming
+from farcast.storage.layouts.base import DAMAGED as _DAMAGED, CheckpointReader, Forecasted, TensorInfo
+from farcast.storage.writers import naming
 
 _ST_NAME = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 

@@ -11,8 +11,8 @@ import numpy as np
 
 from farcast_core.dtypes import dtype_of, to_storage
 from farcast_core.errors import CheckpointError
-from storage.layouts.base import DAMAGED as _DAMAGED, CheckpointReader, Forecasted, TensorInfo
-from storage.writers import naming
+from farcast.storage.layouts.base import DAMAGED as _DAMAGED, CheckpointReader, Forecasted, TensorInfo
+from farcast.storage.writers import naming
 
 STATE_DICT_KEYS = ("state_dict", "model", "module")  # where containers keep the model's state dict
 

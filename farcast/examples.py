@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from storage.writers import save_safetensors
+from farcast.storage.writers import save_safetensors
 
 
 def train_digits(
@@ -157,7 +157,7 @@ def train_with_trainer(out_dir: Path, max_steps: int, every: int, resume: Path |
 
 def checkpoint_losses(run_dir: Path, hidden: int = 64, steps: set[int] | None = None) -> dict[int, float]:
     """Held-out loss of every checkpoint-N/ (or of those in ``steps``) in ``run_dir``."""
-    from storage.checkpoints import discover, open_checkpoint
+    from farcast.storage.checkpoints import discover, open_checkpoint
     from farcast_core.dtypes import from_storage
 
     _, (x, y) = digits_split()
