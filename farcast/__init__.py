@@ -10,8 +10,8 @@ The pipeline, one function per stage (each in ``farcast.pipelines``)::
 
 During training, a Jumper forecasts and jumps the weights every K steps: ``farcast.hf_callback``
 (Hugging Face Trainer), ``farcast.lightning_callback`` (Lightning), ``farcast.TorchJumper`` (a plain
-loop), configured by ``farcast.JumpConfig``. The Prefect flow is ``farcast.flows.flows.farcast_flow``
-(imported on first use of ``farcast.farcast_flow``: it loads Prefect).
+loop), configured by ``farcast.JumpConfig``. The Prefect flow is ``farcast.farcast_flow``.
+Every name is imported on first use.
 
 Layout: ``farcast_core`` (the method, pure), ``farcast.storage`` (every file access), ``farcast.pipelines``
 (one module per stage), ``farcast.flows`` (Prefect and the command line), ``farcast.adapters``.
@@ -19,32 +19,41 @@ Layout: ``farcast_core`` (the method, pure), ``farcast.storage`` (every file acc
 
 from __future__ import annotations
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-
-from farcast.adapters import TorchJumper, hf_callback, lightning_callback
-from farcast.pipelines.backtest import backtest
-from farcast.pipelines.emit import EmitConfig, EmitResult, emit, write_forecast
-from farcast.pipelines.fit import fit
-from farcast.pipelines.ingest import IngestConfig, IngestReport, ingest
-from farcast.pipelines.jump import JumpConfig, Jumper
-from farcast_core.errors import FarcastError
-from farcast_core.forecaster import FitConfig, Forecasters
 
 try:
     __version__ = version("farcast")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = [
-    "ingest", "fit", "backtest", "emit", "write_forecast",
-    "IngestConfig", "IngestReport", "FitConfig", "Forecasters", "EmitConfig", "EmitResult", "FarcastError",
-    "JumpConfig", "Jumper", "hf_callback", "lightning_callback", "TorchJumper", "farcast_flow", "__version__",
-]
+# name -> the module that defines it. Imported on first use: ``import farcast.pipelines.ingest`` (what
+# the command line's ingest loads) must not import torch, Prefect or the frameworks.
+_API = {
+    "ingest": "farcast.pipelines.ingest", "IngestConfig": "farcast_core.config",
+    "IngestReport": "farcast.pipelines.ingest",
+    "fit": "farcast.pipelines.fit",
+    "backtest": "farcast.pipelines.backtest",
+    "emit": "farcast.pipelines.emit", "write_forecast": "farcast.pipelines.emit",
+    "EmitConfig": "farcast_core.config", "EmitResult": "farcast.pipelines.emit",
+    "FitConfig": "farcast_core.config", "Forecasters": "farcast_core.forecaster",
+    "FarcastError": "farcast_core.errors",
+    "JumpConfig": "farcast.pipelines.jump", "Jumper": "farcast.pipelines.jump",
+    "hf_callback": "farcast.adapters.huggingface", "lightning_callback": "farcast.adapters.lightning",
+    "TorchJumper": "farcast.adapters.loop",
+    "farcast_flow": "farcast.flows.flows",
+}
+
+__all__ = [*_API, "__version__"]
 
 
 def __getattr__(name: str):
-    if name == "farcast_flow":  # Prefect is heavy to import: only when asked for
-        from farcast.flows.flows import farcast_flow
-
-        return farcast_flow
+    if name in _API:
+        value = getattr(import_module(_API[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'farcast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

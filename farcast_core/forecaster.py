@@ -12,68 +12,12 @@ cost does not grow with the rows sampled.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from farcast_core.sampling import SAMPLE, SEED
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    horizons: int = 4  # m: horizon points, evenly spaced in ratio between the newest step and the target
-    max_cuts: int = 8  # calibration cuts, spread over the admissible range
-    sample: int = SAMPLE  # l: parameters sampled per chunk to fit its forecaster (4096; ingest keeps them)
-    lam: float = 1.0  # weight of the deceleration regulariser L_grad (chosen on bench/forecast_quality.py)
-    iters: int = 150  # Adam iterations of the L1 refinement after the least-squares warm start
-    lr: float = 0.02  # Adam learning rate in the normalised parametrisation (cosine-decayed to 0)
-    # Extra feature times as fractions of t_c - t_0 (the paper's general subset T). The paper and
-    # docs/method.md recommend none ({s_0, s_c} only); bench/forecast_quality.py measured (0.5, 0.8)
-    # far better (ratio 2: 0.70 vs 1.09 x persistence on average, beats every baseline on 4/4 runs
-    # vs 2/4), so it is the default here. extra_features=() gives the paper's forecaster.
-    extra_features: tuple[float, ...] = (0.5, 0.8)
-    linefit_k: int = 4  # checkpoints in the per-weight line-fit baseline
-    seed: int = SEED  # seeds the parameter sample of each chunk
-    # Chunks read and reduced together (one padded batch; a flow's task each). Each chunk's fit is
-    # independent of the others and the refinement runs on all chunks at once, so this changes
-    # memory (about 13 rows x 4096 values x 8 B per chunk, a few copies) and speed, not the result.
-    batch_chunks: int = 32
-    # Time axis (farcast_core.timeaxis): "auto" takes cumulative learning rate ("lr") whenever the
-    # schedule is known, else global steps; "steps" or "lr" force one. schedule: a stated schedule
-    # {name, peak_lr, warmup, total, options}, preferred over what the checkpoints recorded.
-    axis: str = "auto"
-    schedule: dict | None = None
-
-    def __post_init__(self):
-        from farcast_core.errors import ConfigError
-
-        ints = {"horizons": 1, "max_cuts": 1, "sample": 1, "iters": 0, "linefit_k": 2, "batch_chunks": 1}
-        for name, least in ints.items():
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < least:
-                raise ConfigError(f"{name} must be a whole number >= {least}, got {v!r}")
-        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
-            raise ConfigError(f"lam (the regulariser's weight) must be a finite number >= 0, got {self.lam!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
-        bad = [f for f in self.extra_features if not (isinstance(f, (int, float)) and 0 < f < 1)]
-        if bad:
-            raise ConfigError(f"feature times are fractions strictly between 0 and 1, got {bad[0]!r}")
-        if self.axis not in ("auto", "steps", "lr"):
-            raise ConfigError(f"axis must be auto, steps or lr, got {self.axis!r}")
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["extra_features"] = list(self.extra_features)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> "FitConfig":
-        d = dict(d)
-        if "extra_features" in d:
-            d["extra_features"] = tuple(d["extra_features"])
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+from farcast_core.config import FitConfig  # noqa: F401  (re-exported: where the fit's settings are used)
 
 
 def default_device() -> torch.device:

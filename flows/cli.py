@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from farcast_core.config import AXES, NONFINITE_POLICIES, OPTIMIZER_POLICIES, EmitConfig, FitConfig, IngestConfig
 from farcast_core.errors import FarcastError
 
 
@@ -135,6 +136,15 @@ POSITIVE = click.IntRange(min=1)
 MAX_STEP = 2**53
 
 
+def setting(config, field: str, *decls: str, text=None, **kw):
+    """A click option for ``field`` of the config dataclass ``config``, defaulting to the field's default
+    (stated once, in the dataclass; ``text`` turns it into the option's text form)."""
+    import dataclasses
+
+    default = next(f for f in dataclasses.fields(config) if f.name == field).default
+    return click.option(*decls, default=text(default) if text else default, show_default=True, **kw)
+
+
 @click.group(cls=_Group)
 @click.version_option(package_name="farcast", prog_name="farcast")
 def main() -> None:
@@ -144,9 +154,10 @@ def main() -> None:
 @main.command()
 @click.argument("ckpt_dir", type=click.Path(file_okay=False))
 @click.option("--store", "store", required=True, help="Zarr store for this run (path or fsspec URL), outside CKPT_DIR.")
-@click.option("--memory-budget-mb", default=512, show_default=True, type=POSITIVE, help="Memory for one chunk in flight; sets the chunk length of a new store.")
+@setting(IngestConfig, "memory_budget_mb", "--memory-budget-mb", type=POSITIVE,
+         help="Memory for one chunk in flight; sets the chunk length of a new store.")
 @click.option("--allow-pickle", is_flag=True, help="Load torch pickles that hold Python objects beyond tensors (only for files you trust).")
-@click.option("--workers", default=4, show_default=True, type=POSITIVE, help="Threads copying chunks.")
+@setting(IngestConfig, "workers", "--workers", type=POSITIVE, help="Threads copying chunks.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @quiet_option
 def ingest(ckpt_dir, store, memory_budget_mb, allow_pickle, workers, as_json, quiet) -> None:
@@ -154,7 +165,7 @@ def ingest(ckpt_dir, store, memory_budget_mb, allow_pickle, workers, as_json, qu
 
     Later commands given CKPT_DIR (fit, backtest, emit, run, serve) use this store.
     """
-    from farcast.pipelines.ingest import IngestConfig, ingest as run_ingest, steps_text
+    from farcast.pipelines.ingest import ingest as run_ingest, steps_text
 
     bars = Bars(quiet)
     cfg = IngestConfig(memory_budget_mb=memory_budget_mb, allow_pickle=allow_pickle, workers=workers)
@@ -184,12 +195,13 @@ def _target_options(f):
 
 
 def _fit_options(f):
-    f = click.option("--seed", default=0, show_default=True, help="Seed of the per-chunk parameter sample.")(f)
-    f = click.option("--sample", default=4096, show_default=True, type=POSITIVE, help="Parameters sampled per chunk to fit it.")(f)
-    f = click.option("--cuts", default=8, show_default=True, type=POSITIVE, help="Calibration cuts (earlier points of the run used as examples).")(f)
-    f = click.option("--features", default="0.5,0.8", show_default=True, callback=_parse_features,
-                     help="Extra feature times besides w(s_0), w(s_c), as fractions of the way to the cut; 'none' for the paper's two features.")(f)
-    f = click.option("--lam", default=1.0, show_default=True, type=FiniteFloat(min=0), help="Weight of the deceleration regulariser.")(f)
+    f = setting(FitConfig, "seed", "--seed", help="Seed of the per-chunk parameter sample.")(f)
+    f = setting(FitConfig, "sample", "--sample", type=POSITIVE, help="Parameters sampled per chunk to fit it.")(f)
+    f = setting(FitConfig, "max_cuts", "--cuts", "cuts", type=POSITIVE, help="Calibration cuts (earlier points of the run used as examples).")(f)
+    f = setting(FitConfig, "extra_features", "--features", "features", text=lambda v: ",".join(f"{x:g}" for x in v) or "none",
+                callback=_parse_features,
+                help="Extra feature times besides w(s_0), w(s_c), as fractions of the way to the cut; 'none' for the paper's two features.")(f)
+    f = setting(FitConfig, "lam", "--lam", type=FiniteFloat(min=0), help="Weight of the deceleration regulariser.")(f)
     f = click.option("--schedule-option", "schedule_options", multiple=True, metavar="KEY=VALUE",
                      help="Extra parameter of the stated schedule, e.g. num_cycles=2, power=2, num_decay_steps=100 (repeatable).")(f)
     f = click.option("--total-steps", type=POSITIVE, help="The stated schedule's total training steps (the Trainer's max_steps).")(f)
@@ -199,15 +211,14 @@ def _fit_options(f):
                      help="State the learning-rate schedule (a transformers name: linear, cosine, constant, "
                           "constant_with_warmup, polynomial, inverse_sqrt, cosine_with_restarts, warmup_stable_decay) "
                           "instead of reading it from the checkpoints.")(f)
-    f = click.option("--axis", type=click.Choice(["auto", "steps", "lr"]), default="auto", show_default=True,
-                     help="Time axis: steps, or lr (cumulative learning rate); auto takes lr whenever the schedule is known.")(f)
+    f = setting(FitConfig, "axis", "--axis", type=click.Choice(AXES),
+                help="Time axis: steps, or lr (cumulative learning rate); auto takes lr whenever the schedule is known.")(f)
     return f
 
 
 def _fit_config(lam, features, cuts, sample, seed, axis="auto", schedule_name=None, peak_lr=None, warmup_steps=0,
                 total_steps=None, schedule_options=()):
     from farcast_core.errors import ForecastError
-    from farcast_core.forecaster import FitConfig
     from farcast_core.timeaxis import stated_schedule
 
     extra = features  # parsed and checked by _parse_features
@@ -235,7 +246,7 @@ def _as_store(path: str, store: str | None, bars: Bars, allow_pickle: bool = Fal
     only) into --store, or the store an earlier ingest of PATH used, or its default store."""
     from pathlib import Path
 
-    from farcast.pipelines.ingest import IngestConfig, ingest as run_ingest, store_for
+    from farcast.pipelines.ingest import ingest as run_ingest, store_for
 
     if _is_store(path):
         if store:
@@ -325,12 +336,12 @@ def backtest(ckpt_dir_or_store, target_step, ratio, store, allow_pickle, forecas
 
 def _emit_options(f):
     f = click.option("--allow-worse", is_flag=True, help="Emit even when the backtest says the forecast is worse than persistence.")(f)
-    f = click.option("--nonfinite", type=click.Choice(["refuse", "last-finite"]), default="refuse", show_default=True,
-                     help="A tensor left unforecast (NaN/Inf in its history) that is NaN/Inf at the newest step: refuse, "
+    f = setting(EmitConfig, "nonfinite", "--nonfinite", type=click.Choice(NONFINITE_POLICIES),
+                help="A tensor left unforecast (NaN/Inf in its history) that is NaN/Inf at the newest step: refuse, "
                           "or copy it from the newest step where it is finite.")(f)
     f = click.option("--force", is_flag=True, help="Replace an existing output.")(f)
-    f = click.option("--optimizer", type=click.Choice(["keep", "reset"]), default="keep", show_default=True,
-                     help="keep: copy the newest optimizer state; reset: same parameter groups, fresh state.")(f)
+    f = setting(EmitConfig, "optimizer", "--optimizer", type=click.Choice(OPTIMIZER_POLICIES),
+                help="keep: copy the newest optimizer state; reset: same parameter groups, fresh state.")(f)
     f = click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write the forecast checkpoint into (outside the run's directory).")(f)
     return f
 
@@ -360,7 +371,7 @@ def emit(ckpt_dir_or_store, target_step, ratio, out, optimizer, force, allow_wor
     """Write the forecast checkpoint of a run (a checkpoint dir or a store) at the target step, in the run's own layout."""
     from pathlib import Path
 
-    from farcast.pipelines.emit import EmitConfig, check_request, emit as run_emit
+    from farcast.pipelines.emit import check_request, emit as run_emit
     from farcast.storage.artifacts import load_forecasters
 
     cfg = EmitConfig(optimizer=optimizer, force=force, allow_worse=allow_worse, allow_pickle=allow_pickle,
@@ -378,7 +389,7 @@ def emit(ckpt_dir_or_store, target_step, ratio, out, optimizer, force, allow_wor
 def _emit_request(ckpt_dir: str, out: str, target_step, ratio, **emit_opts) -> dict:
     """The emit settings as the flow takes them, refused before any work if bad (with the request's
     target and --out, checked against CKPT_DIR before it is ingested)."""
-    from farcast.pipelines.emit import EmitConfig, check_request
+    from farcast.pipelines.emit import check_request
 
     EmitConfig(**emit_opts)
     check_request(ckpt_dir, out, target_step, ratio)
@@ -419,7 +430,6 @@ def run(ckpt_dir, target_step, ratio, out, optimizer, force, allow_worse, nonfin
         dask_processes, verbose, direct, allow_pickle, as_json, quiet, **fit_opts) -> None:
     """The whole job: ingest CKPT_DIR, fit, backtest, emit the forecast checkpoint into OUT (a Prefect flow)."""
     _verbose(verbose)
-    from farcast.pipelines.emit import EmitConfig
     from farcast.pipelines.ingest import store_for
 
     store = store or store_for(ckpt_dir)

@@ -24,8 +24,9 @@ import torch
 
 from farcast_core.calibration import feature_interps
 from farcast_core.dtypes import DTYPES, from_storage, nonfinite, to_storage, widen
-from farcast_core.errors import ConfigError, ForecastError
-from farcast_core.forecaster import FitConfig, Forecasters, forecast_rows
+from farcast_core.errors import ForecastError
+from farcast_core.config import EmitConfig, FitConfig
+from farcast_core.forecaster import Forecasters, forecast_rows
 from farcast.pipelines.backtest import backtest
 from farcast_core.schedules import multiplier
 from farcast.pipelines.fit import excluded_tensors, fit_store, resolve_target, time_axis
@@ -33,23 +34,6 @@ from farcast.storage import layouts, writers
 from farcast.storage.checkpoints import ingested_sources, is_inside
 from farcast.storage.store import VERSION, RunStore, TensorMeta
 
-
-
-@dataclass(frozen=True)
-class EmitConfig:
-    optimizer: str = "keep"  # keep: copy the newest optimizer state; reset: same param groups, empty state
-    force: bool = False  # replace an existing output
-    allow_worse: bool = False  # emit even when the backtest says the farcaster is worse than persistence
-    allow_pickle: bool = False  # load torch pickles that hold Python objects beyond tensors
-    # A tensor emitted unforecast (non-finite in the history) that is NaN/Inf at the newest step:
-    # refuse (default), or take its values from the newest step where it is finite.
-    nonfinite: str = "refuse"
-
-    def __post_init__(self):
-        if self.optimizer not in ("keep", "reset"):
-            raise ConfigError(f"--optimizer must be keep or reset, got {self.optimizer!r}")
-        if self.nonfinite not in ("refuse", "last-finite"):
-            raise ConfigError(f"--nonfinite must be refuse or last-finite, got {self.nonfinite!r}")
 
 
 @dataclass

@@ -24,8 +24,9 @@ import numpy as np
 
 from farcast_core import timeaxis
 from farcast_core.chunks import plan
+from farcast_core.config import IngestConfig
 from farcast_core.dtypes import DTYPES, nonfinite
-from farcast_core.errors import CheckpointError, ConfigError, SequenceMismatchError, StoreError
+from farcast_core.errors import CheckpointError, SequenceMismatchError, StoreError
 from farcast_core.sampling import SAMPLE, SEED
 from farcast.storage.checkpoints import (
     Checkpoint, Discovery, TensorInfo, discover, file_manifest, is_inside, manifest_change, open_checkpoint,
@@ -34,23 +35,6 @@ from farcast.storage.lock import StoreLock
 from farcast.storage.runs import default_store, remember_store, store_for
 from farcast.storage.schedules import read_schedule_facts
 from farcast.storage.store import RunStore, TensorMeta, array_path, check_store_path
-
-
-@dataclass(frozen=True)
-class IngestConfig:
-    # Bounds the memory of one chunk in flight: chunk = budget / (4 B x 64 rows) values,
-    # a power of two between 4 Ki and 4 Mi (512 MiB -> 2 Mi values, 8 MiB per float32 row).
-    memory_budget_mb: int = 512
-    # Torch pickles holding Python objects beyond tensors are refused unless this is set.
-    allow_pickle: bool = False
-    # Threads reading and writing chunks of one step; each owns whole chunks.
-    workers: int = 4
-
-    def __post_init__(self):
-        if not isinstance(self.memory_budget_mb, int) or self.memory_budget_mb < 1:
-            raise ConfigError(f"memory budget must be a whole number of MiB >= 1, got {self.memory_budget_mb!r}")
-        if not isinstance(self.workers, int) or self.workers < 1:
-            raise ConfigError(f"workers must be a whole number >= 1, got {self.workers!r}")
 
 
 @dataclass

@@ -118,3 +118,19 @@ def test_progress_bars_only_on_a_terminal(tmp_path, monkeypatch):
         for i in range(1, 4):
             bars("write", i, 3)
         assert ("write: 100%" in err.getvalue()) == shown and not bars.bars
+
+
+def test_the_commands_defaults_are_the_configs_defaults():
+    """Options take their defaults from the config dataclasses: a command given no settings runs with
+    exactly the settings the Python API uses by default."""
+    from farcast.flows.cli import _fit_config, main
+    from farcast_core.config import EmitConfig, FitConfig, IngestConfig
+
+    fit = main.commands["fit"].make_context("fit", ["run"]).params
+    assert _fit_config(fit["lam"], fit["features"], fit["cuts"], fit["sample"], fit["seed"], fit["axis"]) == FitConfig()
+    ingest = main.commands["ingest"].make_context("ingest", ["run", "--store", "s"]).params
+    assert IngestConfig(memory_budget_mb=ingest["memory_budget_mb"], workers=ingest["workers"]) == IngestConfig()
+    emit = main.commands["emit"].make_context("emit", ["run", "--out", "o", "--ratio", "2"]).params
+    assert EmitConfig(optimizer=emit["optimizer"], nonfinite=emit["nonfinite"]) == EmitConfig()
+    run = main.commands["run"].make_context("run", ["run", "--out", "o", "--ratio", "2"]).params
+    assert (run["optimizer"], run["nonfinite"], run["features"]) == ("keep", "refuse", (0.5, 0.8))

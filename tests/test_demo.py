@@ -5,9 +5,11 @@ import json
 import pytest
 
 from farcast_core.errors import FarcastError
+from farcast.examples import summarise
 from farcast.flows.demo import run_demo
 
 
+@pytest.mark.slow  # ~1 min: three Trainer runs and a flow (make demo runs the full-length one)
 def test_short_demo_end_to_end(prefect_harness, tmp_path):
     out = tmp_path / "demo"
     lines = []
@@ -17,21 +19,31 @@ def test_short_demo_end_to_end(prefect_harness, tmp_path):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
     plot = json.loads((out / "plot_data.json").read_text())
-    assert plot["summary"] == summary
+    assert plot["summary"] == summary == data["summary"]
     plain = {int(k): v for k, v in plot["plain"].items()}
     resumed = {int(k): v for k, v in plot["resumed"].items()}
-    assert sorted(plain) == list(range(0, 81, 10)) and min(resumed) == 80 == summary["target_step"]
-    assert summary["goal_loss"] == plain[80]
-    assert summary["loss_at_observed"] == plain[40] and summary["loss_of_forecast"] == resumed[80]
-    hit = next((s for s in sorted(resumed) if resumed[s] <= plain[80]), None)
-    assert summary["farcast_steps"] == (None if hit is None else 40 + hit - 80)
-    assert summary["plain_steps"] == next(s for s in sorted(plain) if plain[s] <= plain[80])
+    # farcast saw steps 0-40 and forecast step 80; training resumed from the forecast for 40 more steps
+    assert sorted(plain) == list(range(0, 81, 10)) and summary["observed_until"] == 40
+    assert sorted(resumed) == list(range(80, 121, 10)) and summary["target_step"] == 80
+    assert (out / "forecast" / "checkpoint-80" / "trainer_state.json").is_file()
+    # the forecast is a trained model's weights, far better than the observed step's (this run learns fast)
+    assert summary["loss_of_forecast"] < 0.8 * summary["loss_at_observed"]
     assert any("steps saved" in line or "optimizer steps" in line or "did not reach" in line for line in lines)
-    assert data["summary"] == summary
 
     # rerunning is safe: same directory, replaced contents
     again = run_demo(out, steps=80, every=10, ratio=2.0, echo=lambda m: None)
     assert again["summary"] == summary
+
+
+def test_steps_saved_are_counted_from_where_farcast_stopped_observing():
+    """Hand-worked curves: the plain run reaches its final loss 0.4 at step 40; farcast saw steps 0-20,
+    jumped to 40 for free and reached 0.4 ten resumed steps later: 30 real steps, 10 saved."""
+    plain = {0: 1.0, 10: 0.8, 20: 0.6, 30: 0.5, 40: 0.4}
+    s = summarise(plain, {40: 0.42, 50: 0.38, 60: 0.35}, observed_until=20, target_step=40)
+    assert (s["goal_loss"], s["plain_steps"], s["farcast_steps"], s["steps_saved"]) == (0.4, 40, 30, 10)
+    assert s["speedup"] == pytest.approx(4 / 3)
+    never = summarise(plain, {40: 0.5, 50: 0.45}, observed_until=20, target_step=40)
+    assert never["farcast_steps"] is None and never["steps_saved"] is None and never["speedup"] is None
 
 
 def test_demo_refuses_a_directory_it_did_not_make(tmp_path):

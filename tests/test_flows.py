@@ -37,6 +37,7 @@ def test_flow_writes_the_same_bytes_as_the_pipelines(prefect_harness, run_dir, t
     assert a.keys == b.keys and bool((a.A == b.A).all()) and bool((a.b == b.b).all())
 
 
+@pytest.mark.slow  # ~20 s: a Dask LocalCluster (the object-store test runs one of processes too)
 def test_dask_local_cluster_matches_threads(prefect_harness, run_dir, tmp_path):
     from farcast.flows.flows import farcast_flow, with_runner
 

@@ -1,5 +1,6 @@
-"""Framework adapters: the Jumper (``farcast.pipelines.jump``) driven from a training loop, a Hugging
-Face Trainer or a Lightning Trainer. Each imports its framework only when used."""
+"""Framework adapters: the Jumper (``farcast.pipelines.jump``) driven from a training loop
+(``loop.TorchJumper``), a Hugging Face Trainer (``huggingface.hf_callback``) or a Lightning Trainer
+(``lightning.lightning_callback``). Each imports its framework only when used."""
 
 from farcast.adapters.huggingface import hf_callback
 from farcast.adapters.lightning import lightning_callback
