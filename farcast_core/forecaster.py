@@ -2,7 +2,7 @@
 
     y = f A + b,   f = [w(t_0), (w at extra feature times), w(t_c)],  A: (F, m), b: (m,)
 
-Fitted in a residual, normalised parametrisation (predict y - w_c from [f_k - w_c ..., w_c, 1],
+BatchFit in a residual, normalised parametrisation (predict y - w_c from [f_k - w_c ..., w_c, 1],
 each column scaled to unit mean magnitude), warm-started by least squares, then refined on
 L1 loss + lambda * L_grad with Adam. The rows are read once, into second moments per chunk
 (``reduce_values``); the refinement then runs on those for all chunks at once (``solve``), so its
@@ -41,7 +41,7 @@ def grad_reg(traj: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = No
 
 
 @dataclass
-class Fitted:
+class BatchFit:
     """Forecasters of a batch of chunks, in the original parametrisation."""
 
     A: torch.Tensor  # (K, F, m)
@@ -258,7 +258,7 @@ class AdamState:
 REFRESH = 2
 
 
-def solve(M: Moments, ratios: torch.Tensor, config: FitConfig) -> Fitted:
+def solve(M: Moments, ratios: torch.Tensor, config: FitConfig) -> BatchFit:
     """Refine every chunk's least-squares start on the reduced objective with Adam (cosine-decayed
     rate, torch.optim.Adam's update written out), keeping each chunk's best iterate.
 
@@ -298,10 +298,10 @@ def solve(M: Moments, ratios: torch.Tensor, config: FitConfig) -> Fitted:
     c_rel = Pw[..., :-2, :] / s_rel.unsqueeze(-1)  # (K, F-1, m) coefficients on (f_k - w_c)
     c_wc = Pw[..., -2:-1, :] / s_wc.unsqueeze(-1)  # (K, 1, m)
     A = torch.cat([c_rel, 1.0 - c_rel.sum(-2, keepdim=True) + c_wc], -2)  # (K, F, m)
-    return Fitted(A, Pw[..., -1, :], torch.from_numpy(best_loss))
+    return BatchFit(A, Pw[..., -1, :], torch.from_numpy(best_loss))
 
 
-def fit_values(W: torch.Tensor, mask: torch.Tensor, coefs, ratios: torch.Tensor, config: FitConfig) -> Fitted:
+def fit_values(W: torch.Tensor, mask: torch.Tensor, coefs, ratios: torch.Tensor, config: FitConfig) -> BatchFit:
     """Fit one forecaster per chunk (``reduce_values`` then ``solve``; see them for the shapes)."""
     return solve(reduce_values(W, mask, coefs), ratios, config)
 
@@ -330,7 +330,7 @@ def forecast_rows(A: torch.Tensor, b: torch.Tensor, interps, rows, values: torch
 
 @dataclass
 class Forecasters:
-    """Fitted forecasters of a run: one (A, b) per chunk, plus what produced them."""
+    """BatchFit forecasters of a run: one (A, b) per chunk, plus what produced them."""
 
     keys: list[tuple[str, int]]  # (tensor name, chunk index) of row k of A and b
     chunks: dict[str, int]  # tensor name -> chunk length, so a transfer can check the plan

@@ -1,7 +1,6 @@
 """Learning-rate schedules as pure functions, for a time axis in cumulative learning rate.
 
-Groundwork for the schedule-aware time axis (issue 8): the multipliers of the Hugging Face
-schedules (transformers.optimization), so that tau(s), the learning rate summed over the steps
+The multipliers of the Hugging Face schedules (transformers.optimization), so that tau(s), the learning rate summed over the steps
 that produced w(s), can be computed for any step without transformers or a pickle.
 """
 

@@ -12,7 +12,7 @@ import torch
 
 from farcast_core import baselines
 from farcast_core.calibration import Interp, PairPlan, plan_pairs
-from farcast_core.forecaster import FitConfig, Fitted, fit_values, forecast_rows
+from farcast_core.forecaster import FitConfig, BatchFit, fit_values, forecast_rows
 from farcast_core.sampling import sample_index
 
 
@@ -33,7 +33,7 @@ def pairs(values: torch.Tensor, rows: Sequence[int], plan: PairPlan) -> tuple[to
 
 def fit_series(
     W: torch.Tensor, times: Sequence[float], rho: float, config: FitConfig = FitConfig()
-) -> tuple[Fitted, PairPlan]:
+) -> tuple[BatchFit, PairPlan]:
     """Fit one forecaster on a (T, P) series observed at ``times``."""
     plan = plan_pairs(times, rho, config.horizons, config.max_cuts, config.extra_features)
     W = W.to(torch.float64)

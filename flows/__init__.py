@@ -1,1 +1,1 @@
-"""Orchestration and the command line: Prefect flows (issue 5) and the `farcast` command."""
+"""Orchestration and the command line: the Prefect flow and the `farcast` command."""

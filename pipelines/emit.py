@@ -94,7 +94,7 @@ def write_forecast(
     _check_fitted_for(forecasters, store, rho, axis)
     _refuse_if_worse(report, config)
     fc = forecasters
-    forecast = Forecast(store, fc, config.nonfinite)
+    forecast = TargetChunks(store, fc, config.nonfinite)
     if progress:  # every chunk is computed once per weights file written
         forecast.on_chunk = _counter(progress, "write", layouts.chunk_passes(store.layout, sources, finals)
                                      * sum(m.plan.n_chunks for m in store.tensors.values()))
@@ -195,7 +195,7 @@ def check_output(store: RunStore, out: str | os.PathLike, target: int, config: E
     return finals
 
 
-class Forecast:
+class TargetChunks:
     """The target-step values of every tensor, chunk by chunk, in the store's representation.
 
     Tensors not forecast (buffers, floats excluded for NaN/Inf in the history) are copied from

@@ -30,7 +30,7 @@ from farcast_core.errors import ForecastError, ScheduleEndError
 from farcast_core.forecaster import FitConfig
 from farcast_core.schedules import Schedule
 from farcast_core.timeaxis import STEPS, TimeAxis, from_facts
-from farcast.pipelines.emit import Forecast
+from farcast.pipelines.emit import TargetChunks
 from farcast.pipelines.fit import fit_store, resolve_target
 from farcast.storage.schedules import scheduler_state
 from farcast.storage.store import RunStore, TensorMeta, array_path, scratch_location
@@ -202,7 +202,7 @@ class Jumper:
             raise ForecastError(f"step {steps[-1]} is the end of training: nothing to jump to")
         rho, target = resolve_target(steps, target, None, self.axis)
         fc = fit_store(self.store, len(steps), rho, self.config.fit, self.device, axis=self.axis)
-        f = Forecast(self.store, fc)
+        f = TargetChunks(self.store, fc)
         return target, {m.name: f.tensor(m) for m in self.store.tensors.values()}
 
     def try_jump(self, model: torch.nn.Module, global_step: int, loss_fn: Callable[[torch.nn.Module], float] | None,
@@ -333,9 +333,14 @@ class Retimer:
             return axis
         old = axis.schedule
         table = list(old.options["table"])
-        table[t:] = [float(self._lambda(g)) for g in range(t, len(table))]
+        table[t:] = _table(self._lambda, t, len(table))
         return TimeAxis("lr", Schedule("tabulated", old.peak_lr, 0, old.total, {"table": table}), axis.source,
                         "re-timed after each jump")
+
+
+def _table(f, start: int, stop: int) -> list[float]:
+    """A LambdaLR function's multipliers at steps start..stop-1 (the lr axis of a live scheduler)."""
+    return [float(f(g)) for g in range(start, stop)]
 
 
 def schedule_axis(scheduler, total: int | None, fit: FitConfig) -> TimeAxis:
@@ -345,7 +350,7 @@ def schedule_axis(scheduler, total: int | None, fit: FitConfig) -> TimeAxis:
         return TimeAxis("steps", note="no scheduler" if scheduler is None else "as asked")
     lambdas = getattr(scheduler, "lr_lambdas", None)
     if lambdas and total:
-        table = [float(lambdas[0](s)) for s in range(total + 1)]
+        table = _table(lambdas[0], 0, total + 1)
         for other in lambdas[1:]:
             if any(abs(float(other(s)) - table[s]) > 1e-12 for s in range(0, total + 1, max(1, total // 64))):
                 return TimeAxis("steps", note="parameter groups follow differently shaped schedules")

@@ -1,9 +1,10 @@
-"""Fitted forecasters on disk: one safetensors file (A, b) with everything else in its metadata."""
+"""BatchFit forecasters on disk: one safetensors file (A, b) with everything else in its metadata."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from safetensors import safe_open
@@ -11,6 +12,7 @@ from safetensors import safe_open
 from farcast_core.errors import ForecastError, StoreError
 from farcast_core.forecaster import FitConfig, Forecasters
 from farcast.storage.checkpoints import is_inside
+from farcast.storage.runs import farcast_home, keyed_name
 from farcast.storage.store import VERSION
 from farcast.storage.writers import check_writable_dir, save_safetensors
 
@@ -20,14 +22,8 @@ def default_forecaster_path(store_url: str, target_step: int) -> Path:
     store at a remote URL (s3://...)."""
     url = str(store_url)
     if "://" in url and not url.startswith("file://"):  # a remote store: a local folder per store URL
-        import hashlib
-        import re
-
-        from farcast.storage.runs import farcast_home
-
         slug = re.sub(r"[^A-Za-z0-9._-]+", "-", url.split("://", 1)[1]).strip("-")[-60:]
-        key = f"{slug}-{hashlib.sha1(url.encode()).hexdigest()[:10]}"
-        return farcast_home() / "forecasters" / key / forecaster_name(target_step)
+        return farcast_home() / "forecasters" / keyed_name(slug, url) / forecaster_name(target_step)
     p = Path(url.removeprefix("file://"))
     return p.parent / f"{p.name}.forecasters" / forecaster_name(target_step)
 

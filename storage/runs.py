@@ -18,9 +18,15 @@ def farcast_home() -> Path:
     return Path(os.environ.get("FARCAST_HOME", Path.home() / ".cache" / "farcast"))
 
 
+def keyed_name(name: str, identity: str) -> str:
+    """``<name>-<10 hex digits of a hash of identity>``: a readable file name that two identities never share
+    (run directories' keys, remote stores' forecaster folders)."""
+    return f"{name}-{hashlib.sha1(identity.encode()).hexdigest()[:10]}"
+
+
 def _key(ckpt_dir: str | os.PathLike) -> tuple[Path, str]:
     root = Path(ckpt_dir).resolve()
-    return root, f"{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:10]}"
+    return root, keyed_name(root.name, str(root))
 
 
 def run_key(ckpt_dir: str | os.PathLike) -> str:

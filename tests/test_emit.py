@@ -315,7 +315,7 @@ def test_nan_in_the_forecast_is_never_written(tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_run_command_json_and_errors(tmp_path, monkeypatch):
+def test_run_command_json_and_errors(prefect_harness, tmp_path, monkeypatch):
     monkeypatch.setenv("FARCAST_HOME", str(tmp_path / "home"))
     run = write_digits_run(tmp_path / "run", steps=60, every=5, optimizer="adam", lr=1e-3)
     r = CliRunner().invoke(main, ["run", str(run), "--out", str(tmp_path / "out"), "--ratio", "1.5", "--json", "--allow-worse"])
