@@ -31,7 +31,7 @@ def chunk_len(memory_budget_bytes: int) -> int:
     return min(MAX_CHUNK, max(MIN_CHUNK, n))
 
 
-def plan(numel: int, memory_budget_bytes: int) -> ChunkPlan:
+def chunk_plan(numel: int, memory_budget_bytes: int) -> ChunkPlan:
     """The chunk plan of a tensor of ``numel`` values (small tensors are one chunk)."""
     c = chunk_len(memory_budget_bytes)
     return ChunkPlan(numel=numel, chunk=max(1, min(c, numel)))

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from farcast_core import timeaxis
-from farcast_core.chunks import plan
+from farcast_core.chunks import chunk_plan
 from farcast_core.config import IngestConfig
 from farcast_core.dtypes import DTYPES, nonfinite
 from farcast_core.errors import CheckpointError, SequenceMismatchError, StoreError
@@ -196,7 +196,7 @@ def _metas(info: dict[str, TensorInfo], budget: int) -> list[TensorMeta]:
     metas = []
     for name, t in info.items():
         kind = "float" if DTYPES[t.dtype].is_float else "buffer"
-        metas.append(TensorMeta(name, t.shape, t.dtype, kind, plan(t.numel, budget).chunk, array_path(name)))
+        metas.append(TensorMeta(name, t.shape, t.dtype, kind, chunk_plan(t.numel, budget).chunk, array_path(name)))
     return metas
 
 

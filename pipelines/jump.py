@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from farcast_core.chunks import plan
+from farcast_core.chunks import chunk_plan
 from farcast_core.dtypes import dtype_of, nonfinite, to_storage
 from farcast_core.errors import ForecastError, ScheduleEndError
 from farcast_core.forecaster import FitConfig
@@ -157,7 +157,7 @@ class Jumper:
         metas = []
         for name, p in params.items():
             numel = p.numel()
-            metas.append(TensorMeta(name, tuple(p.shape), dtype_of(p.dtype).name, "float", plan(numel, budget).chunk,
+            metas.append(TensorMeta(name, tuple(p.shape), dtype_of(p.dtype).name, "float", chunk_plan(numel, budget).chunk,
                                     array_path(name)))
         self.store.define_tensors(metas, sample=(self.config.fit.sample, self.config.fit.seed))
         self._capacity = 0
