@@ -33,9 +33,11 @@ from farcast_core.timeaxis import STEPS, TimeAxis, from_facts
 from farcast.pipelines.emit import TargetChunks
 from farcast.pipelines.fit import fit_store, resolve_target
 from farcast.storage.schedules import scheduler_state
-from farcast.storage.store import RunStore, TensorMeta, array_path, scratch_location
+from farcast.storage.store import MemoryRunStore, RunStore, TensorMeta, array_path, scratch_location
 
 OPTIMIZER_POLICIES = ("keep", "reset_first", "reset_all")
+HISTORIES = ("auto", "disk", "memory")
+MEMORY_HISTORY_BYTES = 2**20  # history="auto": in memory when the recorded weights take at most this
 KINDS = {  # module kinds that skip_kinds names
     "norm": lambda: (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm),
     "embedding": lambda: (torch.nn.Embedding,),
@@ -66,15 +68,18 @@ class JumpConfig:
     # jumps are frequent: a lighter fit than the pipeline's (bench/steps_saved.py measured the same jumps)
     fit: FitConfig = field(default_factory=lambda: FitConfig(sample=1024, iters=50))
     memory_budget_mb: int = 64  # chunking of the history store
-    history: str = "disk"  # where the recorded weights live: "disk" (a local Zarr store) or "memory" (small models)
+    # where the recorded weights live: "disk" (a local Zarr store: the history never has to fit in memory),
+    # "memory" (numpy arrays: a record is a copy, ~1 ms per Zarr call saved), or "auto": memory for a model
+    # whose recorded weights take at most 1 MiB (256 records then take 256 MiB), else disk
+    history: str = "auto"
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZER_POLICIES:
             raise ForecastError(f"optimizer policy must be one of {', '.join(OPTIMIZER_POLICIES)}, got {self.optimizer!r}")
         if not self.ratio > 1:
             raise ForecastError(f"the jump ratio must be > 1, got {self.ratio}")
-        if self.history not in ("disk", "memory"):
-            raise ForecastError(f"history must be 'disk' or 'memory', got {self.history!r}")
+        if self.history not in HISTORIES:
+            raise ForecastError(f"history must be one of {', '.join(HISTORIES)}, got {self.history!r}")
         if not 0 < self.anneal < 1:
             raise ForecastError(f"anneal is the fraction of the steps left that a jump keeps, in (0, 1); got {self.anneal}")
         unknown = set(self.skip_kinds) - set(KINDS)
@@ -103,8 +108,8 @@ class Jumper:
     def __init__(self, config: JumpConfig = JumpConfig(), axis: TimeAxis = STEPS, store_dir: str | Path | None = None,
                  device: torch.device | None = None, total: int | None = None, retimer: "Retimer | None" = None):
         self.config, self.axis, self.device, self.total, self.retimer = config, axis, device, total, retimer
-        # a history of its own (no store_dir, or in memory) is deleted with the Jumper, even if training dies
-        self.dir, self._finalizer = scratch_location(self, config.history == "memory", store_dir, "farcast-jump-")
+        self.store_dir = store_dir
+        self.dir = self._finalizer = None  # the history's directory, made with the first record when on disk
         self.store: RunStore | None = None
         self.rows = 0
         self.jumps: list[JumpRecord] = []
@@ -151,14 +156,19 @@ class Jumper:
 
     def _create(self, params: dict[str, torch.Tensor]) -> None:
         budget = self.config.memory_budget_mb * 2**20
-        url = f"{self.dir}/history"
-        self.store = RunStore.open_or_create(url, Path(str(self.dir)), "jump",
-                                             {"memory_budget_mb": self.config.memory_budget_mb})
         metas = []
         for name, p in params.items():
             numel = p.numel()
             metas.append(TensorMeta(name, tuple(p.shape), dtype_of(p.dtype).name, "float", chunk_plan(numel, budget).chunk,
                                     array_path(name)))
+        nbytes = sum(p.numel() * p.element_size() for p in params.values())
+        if self.config.history == "memory" or (self.config.history == "auto" and nbytes <= MEMORY_HISTORY_BYTES
+                                                and self.store_dir is None):
+            self.store = MemoryRunStore()
+        else:  # a directory of its own is deleted with the Jumper, even if training dies
+            self.dir, self._finalizer = scratch_location(self, self.store_dir, "farcast-jump-")
+            self.store = RunStore.open_or_create(f"{self.dir}/history", Path(str(self.dir)), "jump",
+                                                 {"memory_budget_mb": self.config.memory_budget_mb})
         self.store.define_tensors(metas, sample=(self.config.fit.sample, self.config.fit.seed))
         self._capacity = 0
 

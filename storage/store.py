@@ -469,6 +469,95 @@ class RunStore:
         return out
 
 
+class MemoryRunStore:
+    """A run store in numpy arrays: the RunStore interface the fit and the forecast use, for a Jumper's
+    history of a small model (``JumpConfig.history``). Zarr costs about 1 ms per read or write call
+    and a commit several, more than a small model's training step; here a record is a copy.
+    Nothing is persisted: it lives as long as its Jumper."""
+
+    layout = "jump"
+    source = ""
+    schedule = None
+    schedule_reading = None
+
+    def __init__(self, url: str = "memory-run-store"):
+        self.url, self.config = url, {}
+        self._records: list[dict] = []
+        self._tensors: dict[str, TensorMeta] = {}
+        self._data: dict[str, np.ndarray] = {}
+        self._sample: SampleLayout | None = None
+        self._sample_data: np.ndarray | None = None
+
+    @property
+    def step_records(self) -> list[dict]:
+        return list(self._records)
+
+    @property
+    def steps(self) -> list[int]:
+        return [r["step"] for r in self._records]
+
+    @property
+    def tensors(self) -> dict[str, TensorMeta]:
+        return self._tensors
+
+    @property
+    def sample_layout(self) -> SampleLayout | None:
+        return self._sample
+
+    def define_tensors(self, metas: list[TensorMeta], sample: tuple[int, int] | None = None) -> None:
+        if self._records:
+            raise StoreError(f"{self.url}: tensors are fixed once a step is committed")
+        self._tensors = {m.name: m for m in metas}
+        self._data = {m.name: np.zeros((0, m.numel), dtype=DTYPES[m.dtype].storage) for m in metas}
+        floats = [m for m in metas if m.kind == "float"]
+        self._sample = _sample_layout(floats, *sample) if sample and floats else None
+        if self._sample is not None:
+            dtype = "float64" if any(m.dtype == "float64" for m in floats) else "float32"
+            self._sample_data = np.zeros((0, self._sample.width), dtype=dtype)
+
+    def reserve(self, rows: int) -> None:
+        def grow(a: np.ndarray) -> np.ndarray:
+            out = np.zeros((rows, a.shape[1]), dtype=a.dtype)
+            n = min(rows, a.shape[0])
+            out[:n] = a[:n]
+            return out
+
+        self._data = {n: grow(a) for n, a in self._data.items()}
+        if self._sample_data is not None:
+            self._sample_data = grow(self._sample_data)
+
+    def commit(self, row: int, record: dict, schedule: dict | None = None) -> None:
+        if len(self._records) != row or (self._records and self._records[-1]["step"] >= record["step"]):
+            raise StoreError(f"{self.url}: row {row} (step {record['step']}) is not the next one")
+        self._records.append(dict(record))
+
+    def write(self, name: str, row: int, start: int, values: np.ndarray) -> None:
+        self._data[name][row, start : start + values.size] = values
+
+    def write_sample(self, row: int, values: np.ndarray) -> None:
+        self._sample_data[row] = values
+
+    def _rows(self, rows) -> list[int]:
+        n = len(self._records)
+        idx = list(range(n)[rows]) if isinstance(rows, slice) else list(rows)
+        if any(r >= n or r < 0 for r in idx):
+            raise StoreError(f"{self.url}: rows {idx} asked, {n} committed")
+        return idx
+
+    def read_sample(self, rows: list[int], start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._sample_data[self._rows(rows), start:stop]
+
+    def read(self, name: str, rows, start: int = 0, stop: int | None = None, cols: np.ndarray | None = None) -> np.ndarray:
+        block = self._data[name][self._rows(rows)]
+        return block[:, cols] if cols is not None else block[:, start:stop]
+
+    def nonfinite(self, n_rows: int | None = None) -> set[str]:
+        out: set[str] = set()
+        for r in self._records[:n_rows]:
+            out.update(r.get("nonfinite", []))
+        return out
+
+
 def _sample_layout(floats: list[TensorMeta], size: int, seed: int) -> SampleLayout:
     """Where each chunk of these float tensors keeps its sampled values in the sample array."""
     return SampleLayout.of([(m.name, i, len(range(*m.plan.bounds(i)))) for m in floats for i in range(m.plan.n_chunks)],
@@ -514,27 +603,14 @@ def _read_files(base: Path, chunk: int, row: int, start: int, stop: int, dtype: 
     return out
 
 
-def scratch_location(owner, in_memory: bool, store_dir: str | os.PathLike | None = None, prefix: str = "farcast-"):
-    """(location, finalizer) of a store that lives as long as ``owner``: in fsspec's memory filesystem,
-    in ``store_dir`` (kept: the caller's), or in a new temporary directory. The finalizer (None for
-    ``store_dir``) deletes it, and runs when ``owner`` is collected or the process exits."""
+def scratch_location(owner, store_dir: str | os.PathLike | None = None, prefix: str = "farcast-"):
+    """(directory, finalizer) of a store that lives as long as ``owner``: ``store_dir`` (kept: the caller's),
+    or a new temporary directory, deleted by the finalizer (None for ``store_dir``), which runs when
+    ``owner`` is collected or the process exits."""
     import tempfile
-    import uuid
     import weakref
 
-    if in_memory:
-        url = f"memory://{prefix}{uuid.uuid4().hex}"
-        return url, weakref.finalize(owner, _forget_memory, url)
     if store_dir is not None:
         return Path(store_dir), None
     d = Path(tempfile.mkdtemp(prefix=prefix))
     return d, weakref.finalize(owner, shutil.rmtree, d, True)
-
-
-def _forget_memory(url: str) -> None:
-    import fsspec
-
-    fs = fsspec.filesystem("memory")
-    path = url.removeprefix("memory://")
-    if fs.exists(path):
-        fs.rm(path, recursive=True)

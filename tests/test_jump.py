@@ -7,6 +7,7 @@ from farcast_core.errors import ForecastError
 from farcast.examples import DigitsMLP, digits_split
 from farcast.adapters import TorchJumper, hf_callback, lightning_callback
 from farcast.pipelines.jump import JumpConfig, Jumper, reset_optimizer
+from farcast.storage.store import MemoryRunStore, RunStore
 from tests.conftest import tiny_gpt2, token_data
 
 NO_GUARD = dict(guard=False, every=10, record_every=5)
@@ -25,12 +26,26 @@ def test_forecast_of_a_linear_trajectory_is_exact(tmp_path, history):
     j.record(30, {"w": a})  # not after the newest: ignored
     assert j.store.steps == [0, 10, 20, 30, 40, 50]
     if history == "memory":
-        import fsspec
+        assert isinstance(j.store, MemoryRunStore) and j.dir is None and not any(tmp_path.iterdir())
+    else:
+        assert (tmp_path / "history" / "zarr.json").is_file()
 
-        path = str(j.dir).removeprefix("memory://")
-        assert fsspec.filesystem("memory").exists(path) and not any(tmp_path.iterdir())
-        j.close()
-        assert not fsspec.filesystem("memory").exists(path)
+
+def test_memory_and_disk_histories_give_the_same_jumps(tmp_path):
+    """The in-memory history (numpy) stands in for the Zarr store: the same records, forecasts and jumps,
+    bit for bit, on a real training loop (and "auto" picks memory for a model this small)."""
+    runs = {}
+    for history in ("disk", "memory", "auto"):
+        cfg = JumpConfig(history=history, **NO_GUARD)
+        model, _, _, jumper, step = digits_loop(cfg, tmp_path / history if history == "disk" else None)
+        runs[history] = (step, [(j.step, j.target, j.accepted) for j in jumper.jumper.jumps],
+                         {n: p.detach().clone() for n, p in model.named_parameters()}, type(jumper.jumper.store))
+        jumper.close()
+    assert runs["disk"][3] is RunStore and runs["memory"][3] is MemoryRunStore and runs["auto"][3] is MemoryRunStore
+    assert runs["disk"][1] and any(accepted for _, _, accepted in runs["disk"][1])
+    for history in ("memory", "auto"):
+        assert runs[history][:2] == runs["disk"][:2]
+        assert all(torch.equal(runs[history][2][n], w) for n, w in runs["disk"][2].items())
 
 
 def digits_loop(cfg, store_dir, steps=60, optimizer="adam", scheduler=None, loss_fn=None):
