@@ -244,7 +244,7 @@ def _write_step(c: Checkpoint, row: int, store: RunStore, config: IngestConfig, 
         jobs = [(m, i) for m in metas for i in range(m.plan.n_chunks)]
         flagged, nbytes = set(), 0
         # DCP readers load whole tensors and keep one: feed them one tensor at a time.
-        results = map(one, jobs) if c.kind == "dcp" else pool.map(one, jobs)
+        results = map(one, jobs) if c.format == "dcp" else pool.map(one, jobs)
         for name, bad, n in results:
             nbytes += n
             if bad:

@@ -38,7 +38,7 @@ from farcast.storage.store import MemoryRunStore, RunStore, TensorMeta, array_pa
 OPTIMIZER_POLICIES = ("keep", "reset_first", "reset_all")
 HISTORIES = ("auto", "disk", "memory")
 MEMORY_HISTORY_BYTES = 2**20  # history="auto": in memory when the recorded weights take at most this
-KINDS = {  # module kinds that skip_kinds names
+MODULE_KINDS = {  # module kinds that skip_kinds names
     "norm": lambda: (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm),
     "embedding": lambda: (torch.nn.Embedding,),
 }
@@ -82,9 +82,9 @@ class JumpConfig:
             raise ForecastError(f"history must be one of {', '.join(HISTORIES)}, got {self.history!r}")
         if not 0 < self.anneal < 1:
             raise ForecastError(f"anneal is the fraction of the steps left that a jump keeps, in (0, 1); got {self.anneal}")
-        unknown = set(self.skip_kinds) - set(KINDS)
+        unknown = set(self.skip_kinds) - set(MODULE_KINDS)
         if unknown:
-            raise ForecastError(f"skip_kinds takes {', '.join(KINDS)}, got {sorted(unknown)}")
+            raise ForecastError(f"skip_kinds takes {', '.join(MODULE_KINDS)}, got {sorted(unknown)}")
 
 
 @dataclass
@@ -122,7 +122,7 @@ class Jumper:
         """The parameters farcast forecasts: trainable floats whose name matches no ``skip`` pattern."""
         skipped = set()
         for mod_name, mod in model.named_modules():
-            if any(isinstance(mod, KINDS[k]()) for k in self.config.skip_kinds):
+            if any(isinstance(mod, MODULE_KINDS[k]()) for k in self.config.skip_kinds):
                 skipped.update(f"{mod_name}.{n}" if mod_name else n for n, _ in mod.named_parameters(recurse=False))
         return {n: p for n, p in model.named_parameters()
                 if p.requires_grad and p.is_floating_point() and n not in skipped

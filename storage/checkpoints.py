@@ -43,7 +43,7 @@ class Checkpoint:
 
     step: int
     path: Path  # the step's directory or file
-    kind: str  # "safetensors", "torch" or "dcp": how its weights are read
+    format: str  # "safetensors", "torch" or "dcp": how its weights are read
     files: tuple[Path, ...]  # the files holding its weights (for DCP: the directory)
     layout: str  # "hf", "dirs", "dcp" or "files": how the run is laid out
 
@@ -86,9 +86,9 @@ def _dir_weights(d: Path) -> tuple[str, tuple[Path, ...]] | None:
     return huggingface.weights_of(d)
 
 
-def _dir_complete(d: Path, kind: str, trainer_run: bool, step: int) -> str | None:
+def _dir_complete(d: Path, fmt: str, trainer_run: bool, step: int) -> str | None:
     """Why a step directory is incomplete, or None if it is complete."""
-    if kind == "dcp":
+    if fmt == "dcp":
         return dcp.incomplete(d)
     return huggingface.incomplete(d, trainer_run, step)
 
@@ -130,23 +130,23 @@ def discover(root: str | os.PathLike) -> Discovery:
 
 
 def _discover_dirs(root: Path, subdirs, skipped) -> Discovery:
-    kinds = {how[0] == "dcp" for _, how in subdirs}
-    if len(kinds) > 1:
+    is_dcp = {how[0] == "dcp" for _, how in subdirs}
+    if len(is_dcp) > 1:
         raise CheckpointError(f"{root}: mixes torch.distributed.checkpoint and weight-file directories; keep one run per directory")
     trainer_run = any(huggingface.is_trainer_dir(p) for p, _ in subdirs)
-    layout = "dcp" if True in kinds else ("hf" if trainer_run else "dirs")
+    layout = "dcp" if True in is_dcp else ("hf" if trainer_run else "dirs")
     by_step: dict[int, Checkpoint] = {}
-    for p, (kind, weight_files) in subdirs:
+    for p, (fmt, weight_files) in subdirs:
         step = step_of(p.name)
         if step is None:
             raise CheckpointError(f"{p}: holds weights but its name has no step number; {NAMING_HELP}")
-        why = _dir_complete(p, kind, trainer_run, step)
+        why = _dir_complete(p, fmt, trainer_run, step)
         if why:
             skipped.append((p, why))
             continue
         if step in by_step:
             raise CheckpointError(f"{p} and {by_step[step].path}: both are step {step}; keep one")
-        by_step[step] = Checkpoint(step, p, kind, weight_files, layout)
+        by_step[step] = Checkpoint(step, p, fmt, weight_files, layout)
     if not by_step:
         raise CheckpointError(f"{root}: no complete checkpoint yet ({skipped[0][0].name}: {skipped[0][1]})")
     return Discovery(root, layout, [by_step[s] for s in sorted(by_step)], skipped)
@@ -163,8 +163,8 @@ def _discover_files(root: Path, files, skipped) -> Discovery:
             raise CheckpointError(f"{p}: no step number in the file name; {NAMING_HELP}")
         if step in by_step:
             raise CheckpointError(f"{p} and {by_step[step].path}: both are step {step}; keep one per step")
-        kind = "safetensors" if p.suffix == ".safetensors" else "torch"
-        by_step[step] = Checkpoint(step, p, kind, (p,), "files")
+        fmt = "safetensors" if p.suffix == ".safetensors" else "torch"
+        by_step[step] = Checkpoint(step, p, fmt, (p,), "files")
     return Discovery(root, "files", [by_step[s] for s in sorted(by_step)], skipped)
 
 
@@ -243,9 +243,9 @@ def _when(ns: int) -> str:
 
 def open_checkpoint(ckpt: Checkpoint, allow_pickle: bool = False) -> CheckpointReader:
     """A reader for one checkpoint (its format's module: ``storage.layouts``); headers are parsed and validated here."""
-    if ckpt.kind == "safetensors":
+    if ckpt.format == "safetensors":
         return safetensors_files.SafetensorsReader(ckpt.files)
-    if ckpt.kind == "torch":
+    if ckpt.format == "torch":
         return torch_files.TorchReader(ckpt.files, allow_pickle)
     return dcp.DCPReader(ckpt.files[0])
 

@@ -22,7 +22,7 @@ def read_schedule_facts(ckpt: Checkpoint, allow_pickle: bool = False) -> dict | 
     """The schedule facts of one checkpoint, or None when it records none."""
     if ckpt.path.is_dir():
         return _hf_facts(ckpt.path, allow_pickle)
-    if ckpt.kind == "torch":
+    if ckpt.format == "torch":
         return _torch_facts(ckpt.path, allow_pickle)
     return None
 

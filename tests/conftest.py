@@ -172,12 +172,12 @@ def library_state(c) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors as the real library loads them (not through farcast's readers)."""
     from safetensors.torch import load_file
 
-    if c.kind == "safetensors":
+    if c.format == "safetensors":
         sd = {}
         for f in c.files:
             sd.update(load_file(f))
         return sd
-    if c.kind == "torch":
+    if c.format == "torch":
         sd = {}
         for f in c.files:
             obj = torch.load(f, weights_only=False)
