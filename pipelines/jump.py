@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from farcast_core.chunks import chunk_plan
-from farcast_core.dtypes import dtype_of, nonfinite, to_storage
+from farcast_core.dtypes import dtype_of, from_storage, nonfinite, to_storage
 from farcast_core.errors import ForecastError, ScheduleEndError
 from farcast_core.forecaster import FitConfig
 from farcast_core.schedules import Schedule
@@ -64,6 +64,12 @@ class JumpConfig:
     # that were left at s
     retime: bool = False
     anneal: float = 0.25
+    # with ``advance`` and the guard: "target" moves the step count to the (backtracked) target; "verified" only
+    # as far as the loss the guard measured after the jump says plain training would have come: the guard loss
+    # at the last ``verify_records`` records, a line against time on the axis, solved for the loss after the jump
+    # (never past the target; no advance where the line does not fall)
+    advance_by: str = "target"
+    verify_records: int = 4
     backtrack: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)  # fractions of the jump the guard tries, in order
     # jumps are frequent: a lighter fit than the pipeline's (bench/steps_saved.py measured the same jumps)
     fit: FitConfig = field(default_factory=lambda: FitConfig(sample=1024, iters=50))
@@ -80,6 +86,8 @@ class JumpConfig:
             raise ForecastError(f"the jump ratio must be > 1, got {self.ratio}")
         if self.history not in HISTORIES:
             raise ForecastError(f"history must be one of {', '.join(HISTORIES)}, got {self.history!r}")
+        if self.advance_by not in ("target", "verified"):
+            raise ForecastError(f"advance_by must be 'target' or 'verified', got {self.advance_by!r}")
         if not 0 < self.anneal < 1:
             raise ForecastError(f"anneal is the fraction of the steps left that a jump keeps, in (0, 1); got {self.anneal}")
         unknown = set(self.skip_kinds) - set(MODULE_KINDS)
@@ -249,6 +257,8 @@ class Jumper:
                 return None
             times = self.axis.times([global_step, target])  # a shorter step reaches an earlier step
             target = self.axis.step_at(times[0] + rec.fraction * (times[1] - times[0]), global_step)
+            if self.config.advance_by == "verified":
+                target = self._verified(model, params, loss_fn, global_step, target, rec.loss_before, rec.loss_after)
             rec.target = target
         else:
             _assign(params, new)
@@ -261,6 +271,31 @@ class Jumper:
             self.record(target, params)
         rec.seconds = time.perf_counter() - t
         return target
+
+    def _verified(self, model, params, loss_fn, step: int, target: int, loss_now: float, loss_after: float) -> int:
+        """The step plain training would reach ``loss_after`` at, by the guard loss of the last records
+        (a least-squares line against time on the axis), between ``step`` and ``target``."""
+        rows = list(range(max(0, self.rows - self.config.verify_records), self.rows - 1))  # the newest is ``step``
+        if not rows:
+            return step
+        jumped = {n: p.detach().clone() for n, p in params.items()}
+        metas = self.store.tensors
+        losses = []
+        for r in rows:
+            _assign(params, {n: from_storage(self.store.read(n, [r])[0], metas[n].dtype) for n in params})
+            losses.append(_eval(model, loss_fn))
+        _assign(params, jumped)
+        steps = [self.store.steps[r] for r in rows] + [step]
+        t = np.asarray(self.axis.times(steps), dtype=np.float64)
+        L = np.asarray(losses + [loss_now], dtype=np.float64)
+        slope = np.polyfit(t - t[-1], L, 1)[0] if len(t) > 1 and np.ptp(t) > 0 else 0.0
+        if not slope < 0:
+            return step
+        t_end = float(self.axis.times([target])[0])
+        t_star = min(t[-1] + (loss_after - loss_now) / slope, t_end)
+        if not t_star > t[-1]:  # the loss did not fall: no progress to count
+            return step
+        return max(step, self.axis.step_at(t_star, step))
 
     def summary(self) -> dict:
         return {"jumps": [vars(j) for j in self.jumps], "accepted": sum(j.accepted for j in self.jumps),

@@ -221,3 +221,28 @@ def test_lightning_callback_jumps_the_trainer(tmp_path):
     assert any(j["accepted"] for j in jump.summary["jumps"])
     assert trainer.global_step == 50 and Count.real < 50
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 50
+
+
+@pytest.mark.parametrize("advance_by, saturate, expected", [("target", None, 80), ("verified", None, 80),
+                                                            ("verified", 0.6, 60), ("verified", 0.4, 40)])
+def test_verified_advance_moves_the_step_only_as_far_as_the_loss_went(tmp_path, advance_by, saturate, expected):
+    """Weights moving on a straight line (exactly forecast: step 40 -> 80 at ratio 2) under a loss that falls
+    with them, linearly, or only until the weights reach 0.6 (step 60) or 0.4 (step 40, no progress past
+    the newest step): "verified" advances the step to where the recorded losses' line reaches the loss
+    after the jump; "target" to the forecast's step whatever the loss did."""
+    model = torch.nn.Linear(4, 1, bias=False)
+
+    def loss_fn(m):  # falls as the weights grow (a saturating loss stops falling at ``saturate``)
+        w = m.weight.mean()
+        return -(w if saturate is None else torch.clamp(w, max=saturate))
+
+    cfg = JumpConfig(ratio=2.0, advance_by=advance_by, optimizer="keep", backtrack=(1.0,), history="memory")
+    j = Jumper(cfg)
+    for s in range(0, 41, 10):
+        with torch.no_grad():
+            model.weight.fill_(s / 100)
+        j.record(s, j.params(model))
+    target = j.try_jump(model, 40, loss_fn)
+    rec = j.jumps[-1]
+    assert rec.accepted and torch.allclose(model.weight, torch.full((1, 4), 0.8), atol=1e-4)
+    assert target == expected == rec.target
