@@ -76,7 +76,8 @@ class JumpConfig:
     memory_budget_mb: int = 64  # chunking of the history store
     # where the recorded weights live: "disk" (a local Zarr store: the history never has to fit in memory),
     # "memory" (numpy arrays: a record is a copy, ~1 ms per Zarr call saved), or "auto": memory for a model
-    # whose recorded weights take at most 1 MiB (256 records then take 256 MiB), else disk
+    # whose recorded weights take at most 1 MiB (256 records then take 256 MiB) unless a store_dir is given,
+    # else disk
     history: str = "auto"
 
     def __post_init__(self):
@@ -118,7 +119,7 @@ class Jumper:
         self.config, self.axis, self.device, self.total, self.retimer = config, axis, device, total, retimer
         self.store_dir = store_dir
         self.dir = self._finalizer = None  # the history's directory, made with the first record when on disk
-        self.store: RunStore | None = None
+        self.store: RunStore | MemoryRunStore | None = None
         self.rows = 0
         self.jumps: list[JumpRecord] = []
         self.real_steps = 0
