@@ -50,6 +50,7 @@ def variants(every: int) -> dict[str, JumpConfig | None]:
         "reset_all, skip norm+emb": replace(base, optimizer="reset_all", skip_kinds=("norm", "embedding")),
         "reset_all, no advance": replace(base, optimizer="reset_all", advance=False),
         "reset_all, verified": replace(base, optimizer="reset_all", advance_by="verified"),
+        "keep, verified": replace(base, optimizer="keep", advance_by="verified"),
         "keep, no advance": replace(base, optimizer="keep", advance=False),
         "reset_all, retime": replace(base, optimizer="reset_all", retime=True),
         "keep, retime": replace(base, optimizer="keep", retime=True),
