@@ -28,9 +28,11 @@ from farcast_core.errors import ForecastError
 from farcast_core.config import EmitConfig, FitConfig
 from farcast_core.forecaster import Forecasters, forecast_rows
 from farcast.pipelines.backtest import backtest
-from farcast_core.schedules import multiplier
+from farcast_core.schedules import NAMES as SCHEDULE_NAMES, multiplier
+from farcast_core.timeaxis import training_args_schedule
 from farcast.pipelines.fit import excluded_tensors, fit_store, resolve_target, time_axis
 from farcast.storage import layouts, writers
+from farcast.storage.layouts import huggingface
 from farcast.storage.checkpoints import ingested_sources, is_inside
 from farcast.storage.store import VERSION, RunStore, TensorMeta
 
@@ -113,7 +115,7 @@ def write_forecast(
         specs={n: (m.dtype, m.shape) for n, m in metas.items()}, stream=forecast.stream,
         tensor=lambda name: forecast.tensor(metas[name]), newest_step=store.steps[-1], target=target,
         metadata=metadata, optimizer=config.optimizer, allow_pickle=config.allow_pickle,
-        lr_factor=_schedule_factor(axis, target),
+        lr_factor=_lr_factor(axis, target, store, config),
     )
     path, files = layouts.write(store.layout, sources, finals, checkpoint, config.force)
     return EmitResult(path, target, report, files)
@@ -287,9 +289,18 @@ def copy_rows(store: RunStore, not_forecast: set[str], policy: str = "refuse") -
     return out
 
 
-def _schedule_factor(axis, target: int) -> float | None:
-    """The known schedule's multiplier on the base learning rate at the target step."""
+def _lr_factor(axis, target: int, store: RunStore, config: EmitConfig) -> float | None:
+    """The schedule's multiplier on the base learning rate at the target step: from the known schedule,
+    else (step directories) from the newest step's training_args.bin, a pickle, read only with
+    --allow-pickle. The first optimizer step after resuming uses the learning rate stored in the
+    optimizer state; without either that one step keeps the newest real step's rate."""
     s = axis.schedule
+    if s is None and store.layout in ("hf", "dirs", "dcp"):
+        args = huggingface.trainer_args_facts(layouts.newest_path(store.layout, store.step_records[-1]),
+                                              config.allow_pickle)
+        s = training_args_schedule(args) if args else None
+        if s is not None and s.name not in SCHEDULE_NAMES:
+            s = None
     if s is None:
         return None
     return multiplier(s.name, target, s.warmup, s.total, **s.options)

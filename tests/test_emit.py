@@ -366,3 +366,24 @@ def test_the_emitted_weights_are_the_backtests_forecast(digits_store, tmp_path):
         backtest_says = forecast_rows(fc.A[k], fc.b[k], app, rows, v)
         assert torch.allclose(backtest_says, want, rtol=1e-12, atol=1e-12 * float(want.abs().max())), name
         assert (got - backtest_says).abs().max() <= 4 * torch.finfo(torch.float32).eps * (backtest_says.abs().max() + moved), name
+
+
+def test_learning_rate_at_the_target_from_training_args_when_no_schedule_is_known(hf_long_run, tmp_path):
+    """A Trainer run whose trainer_state.json logs no learning rates: ingested without pickles, no schedule is
+    known. Emit with --allow-pickle still sets the optimizer's rate for step 15 from the newest step's
+    training_args.bin (linear, 40 steps, lr 5e-3; read by storage.layouts.huggingface, computed by
+    farcast_core's schedule formulas); without it the newest real step's rate is kept."""
+    run = tmp_path / "run"
+    shutil.copytree(hf_long_run, run)
+    for state in run.glob("checkpoint-*/trainer_state.json"):
+        s = json.loads(state.read_text())
+        state.write_text(json.dumps({**s, "log_history": []}))
+    ingest(run, tmp_path / "store")
+    src = torch.load(run / "checkpoint-10" / "optimizer.pt", weights_only=True)
+    with_args = emit(tmp_path / "store", tmp_path / "a", target_step=15, config=EmitConfig(allow_worse=True, allow_pickle=True))
+    without = emit(tmp_path / "store", tmp_path / "b", target_step=15, config=ANY)
+    got = torch.load(with_args.path / "optimizer.pt", weights_only=True)
+    assert all(g["lr"] == pytest.approx(5e-3 * (40 - 15) / 40, rel=1e-12) for g in got["param_groups"])
+    kept = torch.load(without.path / "optimizer.pt", weights_only=True)
+    assert [g["lr"] for g in kept["param_groups"]] == [g["lr"] for g in src["param_groups"]]
+    assert src["param_groups"][0]["lr"] != pytest.approx(5e-3 * (40 - 15) / 40)

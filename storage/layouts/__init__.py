@@ -88,14 +88,13 @@ def _write_dir(src_dir: Path, dst: Path, sources: list[Path], fc: Forecasted, is
     """A step directory like ``src_dir`` holding the forecast; returns the files written."""
     dst.mkdir(parents=True)
     weight_names = {p.name for p in sources} | set(huggingface.INDEXES)
-    lr = huggingface.lr_factor(fc, src_dir)
     written = []
     for p in sorted(src_dir.iterdir()):
         if (is_dcp and dcp.is_weights(p)) or p.name in weight_names:
             continue
         if p.is_dir():
             shutil.copytree(p, dst / p.name)
-        elif not huggingface.write_trainer_file(p, dst / p.name, fc, lr):
+        elif not huggingface.write_trainer_file(p, dst / p.name, fc, fc.lr_factor):
             copy_file(p, dst / p.name)
         written.append(p.name)
     if is_dcp:

@@ -15,8 +15,6 @@ from pathlib import Path
 
 from farcast_core.dtypes import DTYPES
 from farcast_core.errors import CheckpointError
-from farcast_core.schedules import NAMES, multiplier
-from farcast_core.timeaxis import training_args_schedule
 from farcast.storage.layouts.base import Forecasted
 from farcast.storage.layouts.torch_files import advance_scheduler, load_torch_file, save_torch, set_lr
 from farcast.storage.writers import copy_file
@@ -96,25 +94,12 @@ def training_args(path: Path, max_steps: int | None) -> dict | None:
 # ---------------------------------------------------------------- the Trainer's files of a forecast step
 
 
-def lr_factor(fc: Forecasted, src_dir: Path) -> float | None:
-    """The Trainer schedule's multiplier at the target step: from the known schedule, else training_args.bin.
-
-    The first optimizer step after resuming uses the learning rate stored in optimizer.pt (that
-    of the newest real step); the scheduler only takes over after it. training_args.bin is a
-    pickle, so it is read only with --allow-pickle; with neither that one step keeps the old rate.
-    """
-    if fc.lr_factor is not None:
-        return fc.lr_factor
-    if not (fc.allow_pickle and (src_dir / TRAINING_ARGS).is_file()):
+def trainer_args_facts(step_dir: Path, allow_pickle: bool) -> dict | None:
+    """What a step directory's training_args.bin says about the schedule (``training_args``), with the
+    run's max_steps from trainer_state.json; None without pickles allowed, or without the files."""
+    if not (allow_pickle and (step_dir / TRAINING_ARGS).is_file()):
         return None
-    state = read_state(src_dir)
-    args = training_args(src_dir / TRAINING_ARGS, (state or {}).get("max_steps"))
-    if args is None:
-        return None
-    s = training_args_schedule(args)
-    if s.name not in NAMES:
-        return None
-    return multiplier(s.name, fc.target, s.warmup, s.total, **s.options)
+    return training_args(step_dir / TRAINING_ARGS, (read_state(step_dir) or {}).get("max_steps"))
 
 
 def write_trainer_file(src: Path, dst: Path, fc: Forecasted, lr: float | None) -> bool:
