@@ -176,10 +176,11 @@ def _every(V: torch.Tensor, sizes: list[int], steps: list[int]) -> torch.Tensor:
 
 def _kappa(z: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     """mean |z| / rms z over dim -2 where mask (K, r) holds: (K, r, m) -> (K, m) float64 numpy; 1 where
-    z is all zero. In torch, on the rows' device: these are the only passes over rows in the loop."""
-    w = mask.to(z.dtype).unsqueeze(-1)
-    n = w.sum(-2).clamp_min(1)
-    mean_abs, rms = (z.abs() * w).sum(-2) / n, ((z * z * w).sum(-2) / n).sqrt()
+    z is all zero. In torch, on the rows' device: these are the only passes over rows in the loop.
+    The rows outside the mask are zero (their values are zeroed in ``reduce_values``), so they add
+    nothing to the sums; the mask only counts the rows."""
+    n = mask.sum(-1, keepdim=True).to(z.dtype).clamp_min(1)  # (K, 1)
+    mean_abs, rms = z.abs().sum(-2) / n, ((z * z).sum(-2) / n).sqrt()
     k = torch.where(rms > 0, mean_abs / rms.clamp_min(torch.finfo(z.dtype).tiny), torch.ones_like(rms))
     return k.to("cpu", torch.float64).numpy()
 

@@ -249,3 +249,24 @@ def test_the_written_out_adam_is_torchs():
         sched.step()
         mine = state.step(mine, 2 * (mine - target), fc.cosine_lr(0.02, it, 20), it)
     assert torch.allclose(mine, P.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_kappa_ignores_the_padded_rows_bit_for_bit():
+    """_kappa sums over every row and counts only the masked ones: the rows outside the mask are zero
+    (reduce_values zeroes padding), so it equals the masked mean |z| / rms z exactly, on a real padded
+    batch and the residuals of its least-squares start."""
+    from farcast_core.forecaster import _kappa, _steps, reduce_values
+
+    W = sgd_least_squares(1, dim=50)
+    plan = plan_pairs(T, 2.0, 4, 8, (0.5, 0.8))
+    batch = torch.zeros(2, len(plan.rows), 50, dtype=torch.float64)
+    mask = torch.zeros(2, 50, dtype=torch.bool)
+    for k, c in enumerate([W[:, :50], W[:, 10:30] * 3 + 1]):
+        batch[k, :, : c.shape[1]], mask[k, : c.shape[1]] = c[plan.rows], True
+    M = reduce_values(batch, mask, plan.coefficients())
+    for z, m in ((M.X @ M.P0 - M.Y, M.mask), (M.Xa @ _steps(M.P0), M.app_mask)):
+        assert not m.all() and (z[~m] == 0).all()
+        w = m.to(z.dtype).unsqueeze(-1)
+        n = w.sum(-2).clamp_min(1)
+        masked = ((z.abs() * w).sum(-2) / n) / ((z * z * w).sum(-2) / n).sqrt()
+        assert np.array_equal(_kappa(z, m), masked.numpy())
