@@ -2,7 +2,7 @@
 
     y = f A + b,   f = [w(t_0), (w at extra feature times), w(t_c)],  A: (F, m), b: (m,)
 
-BatchFit in a residual, normalised parametrisation (predict y - w_c from [f_k - w_c ..., w_c, 1],
+Fitted in a residual, normalised parametrisation (predict y - w_c from [f_k - w_c ..., w_c, 1],
 each column scaled to unit mean magnitude), warm-started by least squares, then refined on
 L1 loss + lambda * L_grad with Adam. The rows are read once, into second moments per chunk
 (``reduce_values``); the refinement then runs on those for all chunks at once (``solve``), so its
@@ -331,7 +331,7 @@ def forecast_rows(A: torch.Tensor, b: torch.Tensor, interps, rows, values: torch
 
 @dataclass
 class Forecasters:
-    """BatchFit forecasters of a run: one (A, b) per chunk, plus what produced them."""
+    """Fitted forecasters of a run: one (A, b) per chunk, plus what produced them."""
 
     keys: list[tuple[str, int]]  # (tensor name, chunk index) of row k of A and b
     chunks: dict[str, int]  # tensor name -> chunk length, so a transfer can check the plan

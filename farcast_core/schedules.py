@@ -1,7 +1,8 @@
 """Learning-rate schedules as pure functions, for a time axis in cumulative learning rate.
 
-The multipliers of the Hugging Face schedules (transformers.optimization), so that tau(s), the learning rate summed over the steps
-that produced w(s), can be computed for any step without transformers or a pickle.
+The multipliers of the Hugging Face schedules (transformers.optimization), so that tau(s), the
+learning rate summed over the steps that produced w(s), can be computed for any step without
+transformers or a pickle.
 """
 
 from __future__ import annotations

@@ -66,8 +66,8 @@ def emit(
     store = RunStore.open(store_url)
     axis = time_axis(store, fit_config)
     # before any fit: a bad --out, a rewritten checkpoint or a NaN to copy costs nothing
-    rho, target, _, _ = _checks(store, axis, out, target_step, ratio, config,
-                                set(forecasters.excluded) if forecasters else None)
+    checked = _checks(store, axis, out, target_step, ratio, config, set(forecasters.excluded) if forecasters else None)
+    rho, target = checked[:2]
     if forecasters is not None:
         _check_fitted_for(forecasters, store, rho, axis)
     report = report or backtest(store.url, target_step=target, config=fit_config, compare_axes=False, axis=axis,
@@ -75,7 +75,7 @@ def emit(
     _refuse_if_worse(report, config)
     fc = forecasters or fit_store(store, len(store.steps), rho, fit_config, axis=axis,
                                   progress=(lambda d, n: progress("fit", d, n)) if progress else None)
-    return write_forecast(store, out, target, fc, report, config, progress)
+    return _write(store, axis, checked, fc, report, config, progress)
 
 
 def write_forecast(
@@ -92,10 +92,16 @@ def write_forecast(
     (the backtest) says the forecast beats keeping the newest weights (or ``config.allow_worse``)."""
     store = store if isinstance(store, RunStore) else RunStore.open(store)
     axis = time_axis(store, forecasters.config)
-    rho, target, finals, sources = _checks(store, axis, out, target_step, None, config, set(forecasters.excluded))
-    _check_fitted_for(forecasters, store, rho, axis)
+    checked = _checks(store, axis, out, target_step, None, config, set(forecasters.excluded))
+    _check_fitted_for(forecasters, store, checked[0], axis)
     _refuse_if_worse(report, config)
-    fc = forecasters
+    return _write(store, axis, checked, forecasters, report, config, progress)
+
+
+def _write(store: RunStore, axis, checked: tuple, fc: Forecasters, report: dict, config: EmitConfig,
+           progress: Callable[[str, int, int], None] | None) -> EmitResult:
+    """Write the checked request (``_checks``' result) into place: the forecast chunk by chunk."""
+    rho, target, finals, sources = checked
     forecast = TargetChunks(store, fc, config.nonfinite)
     if progress:  # every chunk is computed once per weights file written
         forecast.on_chunk = _counter(progress, "write", layouts.chunk_passes(store.layout, sources, finals)

@@ -286,7 +286,8 @@ class Jumper:
             _assign(params, {n: from_storage(self.store.read(n, [r])[0], metas[n].dtype) for n in params})
             losses.append(_eval(model, loss_fn))
         _assign(params, jumped)
-        steps = [self.store.steps[r] for r in rows] + [step]
+        recorded = self.store.steps
+        steps = [recorded[r] for r in rows] + [step]
         t = np.asarray(self.axis.times(steps), dtype=np.float64)
         L = np.asarray(losses + [loss_now], dtype=np.float64)
         slope = np.polyfit(t - t[-1], L, 1)[0] if len(t) > 1 and np.ptp(t) > 0 else 0.0

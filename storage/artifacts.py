@@ -1,4 +1,4 @@
-"""BatchFit forecasters on disk: one safetensors file (A, b) with everything else in its metadata."""
+"""Fitted forecasters on disk: one safetensors file (A, b) with everything else in its metadata."""
 
 from __future__ import annotations
 

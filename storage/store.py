@@ -214,7 +214,7 @@ class RunStore:
         floats = [m for m in metas if m.kind == "float"]
         if sample and floats:
             layout = _sample_layout(floats, *sample)
-            dtype = "float64" if any(m.dtype == "float64" for m in floats) else "float32"
+            dtype = _sample_dtype(floats)
             self.group.create_array("sample", shape=(0, layout.width), chunks=(1, min(layout.width, SAMPLE_CHUNK)),
                                     dtype=dtype, fill_value=0, compressors=None, overwrite=True,
                                     dimension_names=("step", "sample.i"))
@@ -365,9 +365,7 @@ class RunStore:
 
     def read_sample(self, rows: list[int], start: int = 0, stop: int | None = None) -> np.ndarray:
         """Committed ``rows`` x columns [start, stop) of the sample array."""
-        n = len(self.steps)
-        if any(r >= n or r < 0 for r in rows):
-            raise StoreError(f"{self.url}: rows {rows} asked, {n} committed")
+        rows = _committed_rows(self.url, len(self.steps), rows)
         a = self._sample_array()
         stop = a.shape[1] if stop is None else stop
         base = self._plain_dir("sample")
@@ -444,10 +442,7 @@ class RunStore:
         self, name: str, rows: list[int] | slice, start: int = 0, stop: int | None = None, cols: np.ndarray | None = None
     ) -> np.ndarray:
         """Stored values of one tensor: committed ``rows`` x values [start, stop) (or the ``cols`` positions)."""
-        n = len(self.steps)
-        idx = list(range(n)[rows]) if isinstance(rows, slice) else list(rows)
-        if any(r >= n or r < 0 for r in idx):
-            raise StoreError(f"{self.url}: rows {idx} asked, {n} committed")
+        idx = _committed_rows(self.url, len(self.steps), rows)
         a = self.array(name)
         if cols is not None:  # read the span of the wanted positions, keep those (one row in memory)
             start, stop = int(cols.min()), int(cols.max()) + 1
@@ -463,10 +458,7 @@ class RunStore:
 
     def nonfinite(self, n_rows: int | None = None) -> set[str]:
         """Tensors recorded with NaN/Inf in any of the first ``n_rows`` committed steps."""
-        out: set[str] = set()
-        for r in self.step_records[:n_rows]:
-            out.update(r.get("nonfinite", []))
-        return out
+        return _nonfinite(self.step_records[:n_rows])
 
 
 class MemoryRunStore:
@@ -512,8 +504,7 @@ class MemoryRunStore:
         floats = [m for m in metas if m.kind == "float"]
         self._sample = _sample_layout(floats, *sample) if sample and floats else None
         if self._sample is not None:
-            dtype = "float64" if any(m.dtype == "float64" for m in floats) else "float32"
-            self._sample_data = np.zeros((0, self._sample.width), dtype=dtype)
+            self._sample_data = np.zeros((0, self._sample.width), dtype=_sample_dtype(floats))
 
     def reserve(self, rows: int) -> None:
         def grow(a: np.ndarray) -> np.ndarray:
@@ -537,25 +528,33 @@ class MemoryRunStore:
     def write_sample(self, row: int, values: np.ndarray) -> None:
         self._sample_data[row] = values
 
-    def _rows(self, rows) -> list[int]:
-        n = len(self._records)
-        idx = list(range(n)[rows]) if isinstance(rows, slice) else list(rows)
-        if any(r >= n or r < 0 for r in idx):
-            raise StoreError(f"{self.url}: rows {idx} asked, {n} committed")
-        return idx
-
     def read_sample(self, rows: list[int], start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self._sample_data[self._rows(rows), start:stop]
+        return self._sample_data[_committed_rows(self.url, len(self._records), rows), start:stop]
 
     def read(self, name: str, rows, start: int = 0, stop: int | None = None, cols: np.ndarray | None = None) -> np.ndarray:
-        block = self._data[name][self._rows(rows)]
+        block = self._data[name][_committed_rows(self.url, len(self._records), rows)]
         return block[:, cols] if cols is not None else block[:, start:stop]
 
     def nonfinite(self, n_rows: int | None = None) -> set[str]:
-        out: set[str] = set()
-        for r in self._records[:n_rows]:
-            out.update(r.get("nonfinite", []))
-        return out
+        return _nonfinite(self._records[:n_rows])
+
+
+def _committed_rows(url: str, n: int, rows: list[int] | slice) -> list[int]:
+    """``rows`` (a list or a slice) as a list, refused unless each is one of the ``n`` committed rows."""
+    idx = list(range(n)[rows]) if isinstance(rows, slice) else list(rows)
+    if any(r >= n or r < 0 for r in idx):
+        raise StoreError(f"{url}: rows {idx} asked, {n} committed")
+    return idx
+
+
+def _nonfinite(records: list[dict]) -> set[str]:
+    """Tensors any of these step records lists with NaN/Inf."""
+    return {name for r in records for name in r.get("nonfinite", [])}
+
+
+def _sample_dtype(floats: list[TensorMeta]) -> str:
+    """The sample array's dtype: float64 when a tensor is, else float32."""
+    return "float64" if any(m.dtype == "float64" for m in floats) else "float32"
 
 
 def _sample_layout(floats: list[TensorMeta], size: int, seed: int) -> SampleLayout:

@@ -8,6 +8,7 @@ import torch
 
 from farcast.pipelines.jump import JumpConfig, Jumper, advance_scheduler, loop_jumper
 
+
 def hf_callback(config: JumpConfig = JumpConfig(), guard_batches: list[dict] | None = None,
                 loss_fn: Callable | None = None, store_dir=None):
     """A ``transformers.TrainerCallback`` that jumps the Trainer's model.

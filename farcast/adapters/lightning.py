@@ -6,6 +6,7 @@ from typing import Callable
 
 from farcast.pipelines.jump import JumpConfig, Jumper, advance_scheduler, loop_jumper
 
+
 def lightning_callback(config: JumpConfig = JumpConfig(), loss_fn: Callable | None = None, store_dir=None):
     """A Lightning ``Callback`` that jumps the LightningModule (automatic optimization, one optimizer).
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from farcast.pipelines.jump import JumpConfig, advance_scheduler, loop_jumper
 
+
 class TorchJumper:
     """For a plain training loop: call ``step = jumper.after_step(step)`` after each optimizer step.
 
