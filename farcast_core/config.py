@@ -39,6 +39,11 @@ class FitConfig:
     # {name, peak_lr, warmup, total, options}, preferred over what the checkpoints recorded.
     axis: str = "auto"
     schedule: dict | None = None
+    # Shrinkage towards the newest weights (docs/method.md, section 3b): every forecast becomes
+    # w_n + alpha (forecast - w_n). "auto" chooses alpha in [0, 1] from a backtest on the run's own
+    # history (fit on the steps up to s_b, forecast the newest step on the sampled parameters,
+    # take the alpha that minimises the L1 error); a number states alpha (1: the paper's forecaster).
+    shrink: str | float = "auto"
 
     def __post_init__(self):
         ints = {"horizons": 1, "max_cuts": 1, "sample": 1, "iters": 0, "linefit_k": 2, "batch_chunks": 1}
@@ -53,6 +58,9 @@ class FitConfig:
         bad = [f for f in self.extra_features if not (isinstance(f, (int, float)) and 0 < f < 1)]
         if bad:
             raise ConfigError(f"feature times are fractions strictly between 0 and 1, got {bad[0]!r}")
+        if self.shrink != "auto" and not (isinstance(self.shrink, (int, float)) and not isinstance(self.shrink, bool)
+                                          and 0 <= self.shrink <= 1):
+            raise ConfigError(f"shrink must be 'auto' or a number in [0, 1] (1: no shrinkage), got {self.shrink!r}")
         if self.axis not in AXES:
             raise ConfigError(f"axis must be auto, steps or lr, got {self.axis!r}")
 

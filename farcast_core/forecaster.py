@@ -12,7 +12,7 @@ cost does not grow with the rows sampled.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -329,6 +329,26 @@ def forecast_rows(A: torch.Tensor, b: torch.Tensor, interps, rows, values: torch
     return torch.from_numpy(w).to(dtype) @ values.to(dtype) + b[-1].item()
 
 
+def shrink_factor(moved: np.ndarray, needed: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """The alpha in [0, 1] that minimises sum_i weights_i |needed_i - alpha moved_i| (method page, 3b).
+
+    ``moved``: each parameter's forecast step (forecast - newest), ``needed``: its real step. The
+    objective is sum_i w_i |moved_i| |needed_i / moved_i - alpha|, so the minimiser is the median of
+    the ratios weighted by w_i |moved_i| (exact; a test pins it to a brute-force search).
+    """
+    moved, needed = np.asarray(moved, np.float64).ravel(), np.asarray(needed, np.float64).ravel()
+    w = np.abs(moved) * (1.0 if weights is None else np.asarray(weights, np.float64).ravel())
+    keep = (w > 0) & np.isfinite(w) & np.isfinite(needed)
+    if not keep.any():
+        return 1.0  # the forecast moves nothing: alpha does not matter
+    with np.errstate(over="ignore"):  # a tiny step's ratio may overflow to inf: its weight is tiny too
+        r, w = needed[keep] / moved[keep], w[keep]
+    order = np.argsort(r, kind="stable")
+    r, cw = r[order], np.cumsum(w[order])
+    alpha = float(r[np.searchsorted(cw, 0.5 * cw[-1])])
+    return min(max(alpha, 0.0), 1.0)
+
+
 @dataclass
 class Forecasters:
     """Fitted forecasters of a run: one (A, b) per chunk, plus what produced them."""
@@ -345,6 +365,15 @@ class Forecasters:
     excluded: list[str] = field(default_factory=list)  # float tensors not forecast (NaN/Inf seen)
     times: list[float] | None = None  # the steps on the time axis used (None: the steps themselves)
     axis: dict | None = None  # that axis (TimeAxis.to_json())
+    shrink: dict | None = None  # {"alpha": the shrinkage folded into A and b, "chosen": how} (None: none)
+
+    def shrunk(self, alpha: float, chosen: str) -> "Forecasters":
+        """These forecasters with every horizon's forecast pulled towards the newest weights:
+        w_c + alpha (y - w_c), folded into A and b (the last feature is w_c), so every consumer
+        (emit, backtest, jumps, transfer) applies it without knowing."""
+        A = alpha * self.A
+        A[:, -1, :] += 1.0 - alpha
+        return replace(self, A=A, b=alpha * self.b, shrink={"alpha": float(alpha), "chosen": chosen})
 
     def row(self) -> dict[tuple[str, int], int]:
         return {k: i for i, k in enumerate(self.keys)}

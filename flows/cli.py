@@ -98,6 +98,18 @@ def _parse_features(ctx, param, value: str) -> tuple[float, ...]:
     return tuple(out)
 
 
+def _parse_shrink(ctx, param, value) -> str | float:
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        a = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither 'auto' nor a number; give auto, or alpha in [0, 1] (1: no shrinkage)") from None
+    if not 0 <= a <= 1:
+        raise click.BadParameter(f"{a:g} is outside [0, 1]; give auto, or alpha in [0, 1] (1: no shrinkage)")
+    return a
+
+
 class Bars:
     """Progress bars on stderr (tqdm), one per stage, shown only on a terminal and without --quiet.
 
@@ -202,6 +214,9 @@ def _fit_options(f):
                 callback=_parse_features,
                 help="Extra feature times besides w(s_0), w(s_c), as fractions of the way to the cut; 'none' for the paper's two features.")(f)
     f = setting(FitConfig, "lam", "--lam", type=FiniteFloat(min=0), help="Weight of the deceleration regulariser.")(f)
+    f = setting(FitConfig, "shrink", "--shrink", text=str, callback=_parse_shrink, metavar="auto|ALPHA",
+                help="Pull the forecast towards the newest weights: w_n + alpha (forecast - w_n). auto chooses alpha "
+                     "from a backtest on the run's own history; 1: the forecaster as fitted.")(f)
     f = click.option("--schedule-option", "schedule_options", multiple=True, metavar="KEY=VALUE",
                      help="Extra parameter of the stated schedule, e.g. num_cycles=2, power=2, num_decay_steps=100 (repeatable).")(f)
     f = click.option("--total-steps", type=POSITIVE, help="The stated schedule's total training steps (the Trainer's max_steps).")(f)
@@ -217,7 +232,7 @@ def _fit_options(f):
 
 
 def _fit_config(lam, features, cuts, sample, seed, axis="auto", schedule_name=None, peak_lr=None, warmup_steps=0,
-                total_steps=None, schedule_options=()):
+                total_steps=None, schedule_options=(), shrink="auto"):
     from farcast_core.errors import ForecastError
     from farcast_core.timeaxis import stated_schedule
 
@@ -238,7 +253,8 @@ def _fit_config(lam, features, cuts, sample, seed, axis="auto", schedule_name=No
         stated_schedule(schedule)  # refuse an unusable schedule before any work
     elif peak_lr is not None or total_steps is not None or schedule_options:
         raise ForecastError("--peak-lr, --total-steps and --schedule-option describe a stated schedule: add --schedule NAME")
-    return FitConfig(lam=lam, extra_features=extra, max_cuts=cuts, sample=sample, seed=seed, axis=axis, schedule=schedule)
+    return FitConfig(lam=lam, extra_features=extra, max_cuts=cuts, sample=sample, seed=seed, axis=axis, schedule=schedule,
+                     shrink=shrink)
 
 
 def _as_store(path: str, store: str | None, bars: Bars, allow_pickle: bool = False, echo: bool = True) -> str:
@@ -297,11 +313,14 @@ def fit(ckpt_dir_or_store, target_step, ratio, out, force, store, allow_pickle, 
     axis = TimeAxis.from_json(fc.axis)
     if as_json:
         click.echo(json.dumps({"forecasters": str(path), "store": store, "target_step": target, "ratio": fc.rho,
-                               "axis": fc.axis, "steps": fc.steps, "chunks": len(fc.keys), "excluded": fc.excluded}))
+                               "axis": fc.axis, "steps": fc.steps, "chunks": len(fc.keys), "excluded": fc.excluded,
+                               "shrink": fc.shrink}))
         return
     click.echo(axis.describe())
     click.echo(f"fitted {len(fc.keys)} chunk forecasters for step {target} (ratio {fc.rho:.4g}) on steps "
                f"{fc.steps[0]}..{fc.steps[-1]} -> {path}")
+    if fc.shrink:
+        click.echo(f"shrinkage towards step {fc.steps[-1]}: alpha {fc.shrink['alpha']:.3g} ({fc.shrink['chosen']})")
     if fc.excluded:
         click.echo(f"warning: not forecast (NaN/Inf seen): {', '.join(fc.excluded)}")
 

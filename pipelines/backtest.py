@@ -151,6 +151,7 @@ def _evaluate(store: RunStore, axis: TimeAxis, b: int, config: FitConfig, fc: Fo
         "per_tensor": {n: {meth: s[meth] / counts[n] for meth in METHODS} for n, s in sums.items()},
         "excluded": excluded,
         "config": fc.config.to_json(),
+        "shrink": fc.shrink,
         "parameters": total,
     }
 
@@ -195,6 +196,9 @@ def format_table(report: dict) -> str:
     for a in names:
         if "error" in axes[a]:
             lines.append(f"{a} axis: {axes[a]['error']}")
+    if report.get("shrink"):
+        lines.append(f"the backtest's forecast was shrunk towards step {report['backtest_from']}: alpha "
+                     f"{report['shrink']['alpha']:.3g} ({report['shrink']['chosen']})")
     if report["excluded"]:
         lines.append(f"excluded (NaN/Inf seen): {', '.join(report['excluded'])}")
     return "\n".join(lines)

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from farcast_core import timeaxis
-from farcast_core.calibration import PairPlan, plan_pairs
+from farcast_core.calibration import PairPlan, feature_interps, interp_weights, plan_pairs
 from farcast_core.dtypes import widen
 from farcast_core.errors import ForecastError
-from farcast_core.forecaster import FitConfig, Forecasters, Moments, default_device, reduce_values, solve
+from farcast_core.forecaster import (FitConfig, Forecasters, Moments, default_device, reduce_values, shrink_factor,
+                                     solve)
+from farcast_core.series import backtest_row
 from farcast_core.sampling import chunk_seed, sample_index
 from farcast_core.timeaxis import STEPS, TimeAxis
 from farcast.storage.artifacts import forecaster_path, save_forecasters
@@ -129,18 +131,26 @@ def reduce_keys(
 
     ``sampled``: ``read_sampled``'s result covering these keys, when the caller read it already.
     """
-    metas = store.tensors
-    if sampled is None:
-        sampled = read_sampled(store, plan, config, keys)
-    if sampled is not None:
-        W, mask = _gather_sampled(store, keys, sampled)
-    else:
-        values = [_chunk_values(store, plan.pairs, metas[name], i, config) for name, i in keys]
-        W = torch.zeros(len(values), len(plan.pairs.rows), max(v.shape[1] for v in values), dtype=torch.float64)
-        mask = torch.zeros(W.shape[0], W.shape[2], dtype=torch.bool)
-        for k, v in enumerate(values):
-            W[k, :, : v.shape[1]], mask[k, : v.shape[1]] = v, True
+    W, mask = sampled_values(store, keys, plan.pairs.rows, config, sampled)
     return reduce_values(W.to(device=device, dtype=_dtype(device)), mask.to(device), plan.pairs.coefficients())
+
+
+def sampled_values(store: RunStore, keys: list[tuple[str, int]], rows: list[int], config: FitConfig,
+                   sampled: tuple[np.ndarray, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W (K, R, P) float64, mask (K, P)): the sampled parameters of each chunk of ``keys`` at ``rows``,
+    zero-padded to the longest; from the store's sample array where it serves the config (``sampled``:
+    ``read_sampled``'s result when the caller read it already), else from the chunks themselves."""
+    if sampled is None:
+        sampled = read_sampled(store, rows, config, keys)
+    if sampled is not None:
+        return _gather_sampled(store, keys, sampled)
+    metas = store.tensors
+    values = [_chunk_values(store, rows, metas[name], i, config) for name, i in keys]
+    W = torch.zeros(len(values), len(rows), max(v.shape[1] for v in values), dtype=torch.float64)
+    mask = torch.zeros(W.shape[0], W.shape[2], dtype=torch.bool)
+    for k, v in enumerate(values):
+        W[k, :, : v.shape[1]], mask[k, : v.shape[1]] = v, True
+    return W, mask
 
 
 def _gather_sampled(store: RunStore, keys: list[tuple[str, int]], sampled: tuple[np.ndarray, int]):
@@ -186,17 +196,22 @@ def fit_store(
     """Fit forecasters for ratio ``rho`` (on ``axis``) on the first ``n_rows`` committed steps of ``store``."""
     plan = plan_fit(store, n_rows, rho, config, axis)
     device = device or default_device()
+    return finish(store, plan, config, _reduce_all(store, plan, config, device, progress), device)
+
+
+def _reduce_all(store: RunStore, plan: FitPlan, config: FitConfig, device: torch.device,
+                progress: Callable[[int, int], None] | None = None) -> list[Moments]:
     per = device_batch(device, len(plan.pairs.rows), config.sample, config.batch_chunks)
     if per != config.batch_chunks:
         keys = [k for batch in plan.batches for k in batch]
         plan = replace(plan, batches=[keys[i : i + per] for i in range(0, len(keys), per)])
-    sampled = read_sampled(store, plan, config)
+    sampled = read_sampled(store, plan.pairs.rows, config)
     parts = []
     for n, keys in enumerate(plan.batches):  # read and reduce batch by batch; then refine all chunks at once
         parts.append(reduce_keys(store, plan, keys, config, device, sampled))
         if progress:
             progress(n + 1, len(plan.batches))
-    return finish(plan, config, parts, device)
+    return parts
 
 
 # A chunk's reduction holds about this many float32 copies of its (rows x sample) values at once
@@ -213,33 +228,84 @@ def device_batch(device: torch.device, rows: int, sample: int, default: int) -> 
     return max(default, int(free // 4 // (rows * sample * 4 * COPIES_PER_CHUNK)))
 
 
-def finish(plan: FitPlan, config: FitConfig, parts: list[Moments], device: torch.device | None = None) -> Forecasters:
-    """Refine every chunk of the reduced batches at once (``solve``) and assemble the run's forecasters."""
+def finish(store: RunStore, plan: FitPlan, config: FitConfig, parts: list[Moments],
+           device: torch.device | None = None) -> Forecasters:
+    """Refine every chunk of the reduced batches at once (``solve``), assemble the run's forecasters
+    and apply the shrinkage (``shrink``)."""
     device = device or default_device()
     moments = Moments.cat([p.to(device, _dtype(device)) for p in parts])
     fitted = solve(moments, _ratios(plan, device), config)
-    return assemble(plan, config, [(fitted.A.cpu().to(torch.float64), fitted.b.cpu().to(torch.float64))])
+    fc = assemble(plan, config, [(fitted.A.cpu().to(torch.float64), fitted.b.cpu().to(torch.float64))])
+    return shrink(store, plan, fc, config, device)
 
 
-def read_sampled(store: RunStore, plan: FitPlan, config: FitConfig, keys=None) -> tuple[np.ndarray, int] | None:
-    """(the plan's rows x the span of sample-array columns that ``keys`` use (default all), the
-    span's first column), or None where the store keeps no sample for this config's size and seed."""
+def shrink(store: RunStore, plan: FitPlan, fc: Forecasters, config: FitConfig,
+           device: torch.device | None = None) -> Forecasters:
+    """``fc`` pulled towards the newest weights by config.shrink (method page, section 3b).
+
+    "auto": the backtest of the fit on the run's own history, on the sampled parameters: fit (the same
+    config, unshrunk) on the steps up to s_b, the checkpoint from which the plan's ratio reaches the
+    newest step, forecast the newest step, and take the alpha in [0, 1] that minimises the L1 error
+    (each sampled parameter weighted by its chunk's size over its sample). Too few checkpoints for
+    that backtest: alpha = 1 (no shrinkage), and the forecasters say why.
+    """
+    if config.shrink != "auto":
+        return fc.shrunk(float(config.shrink), "stated") if config.shrink != 1 else fc
+    times, n = np.asarray(plan.times), plan.n_rows
+    b = backtest_row(times, plan.rho)
+    steps = plan.steps
+    try:
+        if b >= n - 1:
+            raise ForecastError(f"no checkpoint between the first and the newest leaves a ratio above 1 ({len(steps)} checkpoints)")
+        inner_config = replace(config, shrink=1.0)
+        inner_plan = plan_fit(store, b + 1, (times[-1] - times[0]) / (times[b] - times[0]), inner_config, plan.axis)
+    except ForecastError as e:
+        return fc.shrunk(1.0, f"none: too few checkpoints for a backtest ({e})")
+    device = device or default_device()
+    inner = finish(store, inner_plan, inner_config, _reduce_all(store, inner_plan, inner_config, device), device)
+    moved, needed, weights = _backtest_sampled(store, inner, fc.keys, b, n - 1, config)
+    alpha = shrink_factor(moved, needed, weights)
+    return fc.shrunk(alpha, f"backtest: fitted on steps up to {steps[b]}, forecast step {steps[n - 1]}")
+
+
+def _backtest_sampled(store: RunStore, fc: Forecasters, keys: list[tuple[str, int]], b: int, newest: int,
+                      config: FitConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(forecast step, real step, weight) of every sampled parameter of ``keys`` when ``fc`` (fitted on
+    rows 0..b) forecasts row ``newest``: the step is from row b; the weight is chunk size / sample size."""
+    app = feature_interps(fc.times or [float(s) for s in fc.steps], fc.feature_ratios)
+    rows = sorted({newest, b, *(r for it in app for r in (it.lo, it.hi))})
+    pos = {r: i for i, r in enumerate(rows)}
+    iw = interp_weights(app, rows)  # (F, R)
+    row_of = fc.row()
+    idx = [row_of[k] for k in keys]
+    fold = torch.einsum("kf,fr->kr", fc.A[idx, :, -1], torch.from_numpy(iw))  # (K, R): forecast = fold @ values + b
+    W, mask = sampled_values(store, keys, rows, config)
+    forecast = torch.einsum("kr,krp->kp", fold, W) + fc.b[idx, -1:]
+    moved, needed = forecast - W[:, pos[b]], W[:, pos[newest]] - W[:, pos[b]]
+    size = torch.tensor([float(hi - lo) for lo, hi in (store.tensors[name].plan.bounds(i) for name, i in keys)], dtype=torch.float64)
+    weights = (size / mask.sum(1).clamp_min(1).to(torch.float64))[:, None].expand_as(moved)
+    return moved[mask].numpy(), needed[mask].numpy(), weights[mask].numpy()
+
+
+def read_sampled(store: RunStore, rows: list[int], config: FitConfig, keys=None) -> tuple[np.ndarray, int] | None:
+    """(``rows`` x the span of sample-array columns that ``keys`` use (default all), the span's first
+    column), or None where the store keeps no sample for this config's size and seed."""
     layout = store.sample_layout
     if layout is None or not layout.serves(config.sample, config.seed):
         return None
     if keys is None:
-        return store.read_sample(plan.pairs.rows), 0
+        return store.read_sample(rows), 0
     spans = [layout.spans[k] for k in keys]
     lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
-    return store.read_sample(plan.pairs.rows, lo, hi), lo
+    return store.read_sample(rows, lo, hi), lo
 
 
-def _chunk_values(store: RunStore, plan: PairPlan, m, i: int, config: FitConfig):
-    """Chunk i of tensor m's sampled parameters at the plan's rows, (R, l) float64, read from the chunk
+def _chunk_values(store: RunStore, rows: list[int], m, i: int, config: FitConfig):
+    """Chunk i of tensor m's sampled parameters at ``rows``, (R, l) float64, read from the chunk
     itself (stores without the sample array, or another sample size or seed)."""
     a, b = m.plan.bounds(i)
     idx = sample_index(b - a, config.sample, chunk_seed(config.seed, m.name, i))
-    return widen(store.read(m.name, plan.rows, cols=a + idx), m.dtype).to(torch.float64)
+    return widen(store.read(m.name, rows, cols=a + idx), m.dtype).to(torch.float64)
 
 
 def fit(

@@ -74,6 +74,7 @@ def save_forecasters(fc: Forecasters, path: str | os.PathLike, extra: dict | Non
         "excluded": fc.excluded,
         "times": fc.times,
         "axis": fc.axis,
+        "shrink": fc.shrink,
         "farcast_version": VERSION,
         **(extra or {}),
     }
@@ -94,5 +95,6 @@ def load_forecasters(path: str | os.PathLike) -> tuple[Forecasters, dict]:
         config=FitConfig.from_json(meta["config"]), rho=meta["rho"], ratios=tuple(meta["ratios"]),
         feature_ratios=tuple(meta["feature_ratios"]),
         steps=meta["steps"], excluded=meta["excluded"], times=meta.get("times"), axis=meta.get("axis"),
+        shrink=meta.get("shrink"),
     )
     return fc, meta

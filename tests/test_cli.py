@@ -127,7 +127,10 @@ def test_the_commands_defaults_are_the_configs_defaults():
     from farcast_core.config import EmitConfig, FitConfig, IngestConfig
 
     fit = main.commands["fit"].make_context("fit", ["run"]).params
-    assert _fit_config(fit["lam"], fit["features"], fit["cuts"], fit["sample"], fit["seed"], fit["axis"]) == FitConfig()
+    assert _fit_config(fit["lam"], fit["features"], fit["cuts"], fit["sample"], fit["seed"], fit["axis"],
+                       shrink=fit["shrink"]) == FitConfig()
+    stated = main.commands["fit"].make_context("fit", ["run", "--shrink", "0.5"]).params
+    assert _fit_config(**{k: stated[k] for k in ("lam", "features", "cuts", "sample", "seed", "axis", "shrink")}).shrink == 0.5
     ingest = main.commands["ingest"].make_context("ingest", ["run", "--store", "s"]).params
     assert IngestConfig(memory_budget_mb=ingest["memory_budget_mb"], workers=ingest["workers"]) == IngestConfig()
     emit = main.commands["emit"].make_context("emit", ["run", "--out", "o", "--ratio", "2"]).params

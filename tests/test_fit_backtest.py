@@ -151,13 +151,16 @@ def test_the_sample_ingest_keeps_is_what_the_fit_would_read_from_the_chunks(tmp_
     assert store.read_sample(list(range(7))).shape == (7, layout.width)
     assert store.tensors["0.weight"].chunk == 8192 > layout.size  # a chunk the sample draws from
     cfg = FitConfig(iters=20)
-    assert F.read_sampled(store, F.plan_fit(store, 7, 2.0, cfg), cfg) is not None
+    assert F.read_sampled(store, F.plan_fit(store, 7, 2.0, cfg).pairs.rows, cfg) is not None
     small = FitConfig(iters=20, sample=1000, seed=3)  # another sample: read from the chunks
-    assert F.read_sampled(store, F.plan_fit(store, 7, 2.0, small), small) is None
+    assert F.read_sampled(store, F.plan_fit(store, 7, 2.0, small).pairs.rows, small) is None
     from_sample = fit_store(store, 7, 2.0, cfg)
     monkeypatch.setattr(F, "read_sampled", lambda *a, **k: None)
     from_chunks = fit_store(store, 7, 2.0, cfg)
-    assert torch.equal(from_sample.A, from_chunks.A) and torch.equal(from_sample.b, from_chunks.b)
+    # the same values both ways (the shrinkage's backtest sums them in another order: equal to rounding)
+    assert from_sample.shrink["alpha"] == pytest.approx(from_chunks.shrink["alpha"], rel=1e-12)
+    assert from_sample.shrink["chosen"] == from_chunks.shrink["chosen"] and from_sample.shrink["chosen"].startswith("backtest")
+    assert torch.allclose(from_sample.A, from_chunks.A, rtol=0, atol=1e-12) and torch.allclose(from_sample.b, from_chunks.b, rtol=0, atol=1e-12)
 
 
 def test_gpu_batches_are_sized_from_free_memory(monkeypatch):
@@ -173,3 +176,71 @@ def test_gpu_batches_are_sized_from_free_memory(monkeypatch):
     assert F.device_batch(gpu, 13, 4096, 32) == 2 * 2**30 // per_chunk > 32
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 80 * 2**30))
     assert F.device_batch(gpu, 13, 4096, 32) == 32  # never below the configured batch
+
+
+def test_shrinkage_is_chosen_by_a_backtest_on_the_runs_own_history(adam_store):
+    """shrink='auto': alpha minimises the L1 error of the unshrunk fit on the steps up to s_b forecasting
+    the newest step, on the sampled parameters (computed here independently, chunk by chunk, with the
+    forecast function emit uses); the forecasters are the unshrunk ones pulled alpha of the way back."""
+    import numpy as np
+    from dataclasses import replace
+
+    from farcast_core.calibration import feature_interps
+    from farcast_core.forecaster import forecast_rows
+    from farcast_core.sampling import chunk_seed, sample_index
+    from farcast_core.series import backtest_row
+
+    store = RunStore.open(adam_store)
+    n = len(store.steps)
+    plain = fit_store(store, n, 2.0, replace(FAST, shrink=1.0))
+    auto = fit_store(store, n, 2.0, FAST)
+    assert plain.shrink is None and auto.shrink["chosen"] == "backtest: fitted on steps up to 30, forecast step 60"
+    times = np.asarray(store.steps, dtype=np.float64)
+    b = backtest_row(times, 2.0)
+    inner = fit_store(store, b + 1, (times[-1] - times[0]) / (times[b] - times[0]), replace(FAST, shrink=1.0))
+    app = feature_interps(times[: b + 1], inner.feature_ratios)
+    rows = sorted({b, n - 1, *(r for it in app for r in (it.lo, it.hi))})
+    moved, needed, weight = [], [], []
+    for k, (name, i) in enumerate(inner.keys):
+        m = store.tensors[name]
+        lo, hi = m.plan.bounds(i)
+        idx = sample_index(hi - lo, FAST.sample, chunk_seed(FAST.seed, name, i))
+        v = torch.from_numpy(np.asarray(store.read(name, rows, cols=lo + idx), dtype=np.float64))
+        f = forecast_rows(inner.A[k], inner.b[k], app, rows, v)
+        moved.append(f - v[rows.index(b)])
+        needed.append(v[rows.index(n - 1)] - v[rows.index(b)])
+        weight.append(torch.full_like(f, (hi - lo) / len(idx)))
+    moved, needed, weight = (torch.cat(x).numpy() for x in (moved, needed, weight))
+
+    def l1(a):
+        return float(np.sum(weight * np.abs(needed - a * moved)))
+
+    grid = min(l1(a) for a in np.linspace(0, 1, 2001))
+    alpha = auto.shrink["alpha"]
+    assert 0 < alpha < 1 and l1(alpha) <= grid and l1(alpha) < l1(1.0)
+    want = plain.shrunk(alpha, auto.shrink["chosen"])
+    assert torch.allclose(auto.A, want.A, atol=1e-12) and torch.allclose(auto.b, want.b, atol=1e-12)
+    # the choice travels with the forecasters' file
+    saved, _, _ = fit(adam_store, ratio=2.0, config=FAST, out=adam_store.parent / "fc-shrink", force=True)
+    assert load_forecasters(adam_store.parent / "fc-shrink" / "target_120.safetensors")[0].shrink == saved.shrink
+
+
+def test_shrinkage_needs_enough_checkpoints_and_can_be_stated(tmp_path):
+    """Too few checkpoints for the backtest: no shrinkage, and the forecasters say why; a stated alpha is used
+    as is, 0 giving the newest weights back."""
+    from dataclasses import replace
+
+    write_digits_run(tmp_path / "run", steps=4, every=2, optimizer="adam", lr=1e-3, hidden=16)
+    ingest(tmp_path / "run", tmp_path / "store")
+    store = RunStore.open(tmp_path / "store")
+    n = len(store.steps)  # steps 0, 2, 4: no checkpoint to backtest from
+    fc = fit_store(store, n, 1.9, FAST)
+    assert fc.shrink["alpha"] == 1.0 and fc.shrink["chosen"].startswith("none: too few checkpoints for a backtest"), fc.shrink
+    plain = fit_store(store, n, 1.9, replace(FAST, shrink=1.0))
+    assert torch.equal(plain.A, fc.A) and torch.equal(plain.b, fc.b)
+    zero = fit_store(store, n, 1.9, replace(FAST, shrink=0.0))
+    assert zero.shrink == {"alpha": 0.0, "chosen": "stated"}
+    assert torch.equal(zero.b, torch.zeros_like(zero.b)) and torch.equal(zero.A[:, :-1], torch.zeros_like(zero.A[:, :-1]))
+    assert torch.equal(zero.A[:, -1], torch.ones_like(zero.A[:, -1]))  # the forecast is w_n itself
+    with pytest.raises(Exception, match="shrink must be"):
+        FitConfig(shrink=1.5)

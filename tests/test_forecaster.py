@@ -270,3 +270,56 @@ def test_kappa_ignores_the_padded_rows_bit_for_bit():
         n = w.sum(-2).clamp_min(1)
         masked = ((z.abs() * w).sum(-2) / n) / ((z * z * w).sum(-2) / n).sqrt()
         assert np.array_equal(_kappa(z, m), masked.numpy())
+
+
+# ---------------------------------------------------------------- shrinkage towards the newest weights
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _l1(alpha, moved, needed, w):
+    return float(np.sum(w * np.abs(needed - alpha * moved)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(-10, 10), st.floats(-10, 10), st.floats(0.01, 100)), min_size=1, max_size=40))
+def test_shrink_factor_is_the_l1_minimiser_over_zero_to_one(rows):
+    """The weighted median equals a brute-force search: the L1 objective is piecewise linear in alpha,
+    so its minimum over [0, 1] lies at 0, 1 or a breakpoint needed/moved."""
+    from farcast_core.forecaster import shrink_factor
+
+    moved, needed, w = (np.array(c, dtype=np.float64) for c in zip(*rows))
+    alpha = shrink_factor(moved, needed, w)
+    assert 0.0 <= alpha <= 1.0
+    nz = moved != 0
+    with np.errstate(over="ignore"):
+        candidates = [0.0, 1.0, *np.clip(needed[nz] / moved[nz], 0, 1)]
+    best = min(_l1(a, moved, needed, w) for a in candidates)
+    assert _l1(alpha, moved, needed, w) <= best + 1e-9 * (1 + best)
+
+
+def test_shrink_factor_on_known_cases():
+    from farcast_core.forecaster import shrink_factor
+
+    moved = np.array([1.0, -2.0, 0.5, 4.0])
+    assert shrink_factor(moved, 0.6 * moved) == pytest.approx(0.6)  # every parameter went 60% of the way
+    assert shrink_factor(moved, 3 * moved) == 1.0  # farther than forecast: never extrapolate more
+    assert shrink_factor(moved, -moved) == 0.0  # the other way: keep the newest weights
+    assert shrink_factor(np.zeros(3), np.ones(3)) == 1.0  # a forecast that moves nothing
+
+
+def test_shrunk_forecasters_move_alpha_of_the_way_at_every_horizon():
+    """Folding alpha into A and b gives w_c + alpha (y - w_c) for every horizon, the last feature being w_c."""
+    from farcast_core.forecaster import Forecasters, apply
+
+    g = torch.Generator().manual_seed(0)
+    A, b = torch.randn(3, 4, 2, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.float64)
+    fc = Forecasters(keys=[("w", i) for i in range(3)], chunks={"w": 10}, A=A, b=b, config=FitConfig(), rho=2.0,
+                     ratios=(1.5, 2.0), feature_ratios=(0.0, 0.5, 0.8, 1.0), steps=[0, 10, 20])
+    s = fc.shrunk(0.3, "stated")
+    feats = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    for k in range(3):
+        y, ys = apply(fc.A[k], fc.b[k], feats), apply(s.A[k], s.b[k], feats)
+        assert torch.allclose(ys, feats[:, -1:] + 0.3 * (y - feats[:, -1:]), atol=1e-12)
+    assert s.shrink == {"alpha": 0.3, "chosen": "stated"} and fc.shrink is None and torch.equal(fc.A, A)
