@@ -260,7 +260,8 @@ REFRESH = 2
 
 
 def solve(M: Moments, ratios: torch.Tensor, config: FitConfig) -> BatchFit:
-    """Refine every chunk's least-squares start on the reduced objective with Adam (cosine-decayed
+    """Refine every chunk's least-squares start (``ratios``: the horizons, (m,) for every chunk or (K, m)
+    one row per chunk, so that fits for different targets share the loop) on the reduced objective with Adam (cosine-decayed
     rate, torch.optim.Adam's update written out), keeping each chunk's best iterate.
 
     Runs in float64 numpy on the CPU whatever device reduced the rows: the moments are a few
@@ -268,8 +269,9 @@ def solve(M: Moments, ratios: torch.Tensor, config: FitConfig) -> BatchFit:
     """
     cpu = {k: getattr(M, k).detach().to("cpu", torch.float64).numpy() for k in ("G", "P0", "mse0", "Ga")}
     P = cpu["P0"].copy()
-    t = np.concatenate([[1.0], np.asarray(ratios.cpu(), dtype=np.float64)])  # ratio 1 is w_c
-    dt = t[1:] - t[:-1]
+    r = np.asarray(ratios.cpu(), dtype=np.float64)  # (m,) shared, or (K, m): each chunk's own horizons
+    t = np.concatenate([np.ones(r.shape[:-1] + (1,)), r], -1)  # ratio 1 is w_c
+    dt = t[..., 1:] - t[..., :-1]
 
     def kappas(P):
         Pt = torch.from_numpy(P).to(M.X.device, M.X.dtype)

@@ -230,42 +230,49 @@ def device_batch(device: torch.device, rows: int, sample: int, default: int) -> 
 
 def finish(store: RunStore, plan: FitPlan, config: FitConfig, parts: list[Moments],
            device: torch.device | None = None) -> Forecasters:
-    """Refine every chunk of the reduced batches at once (``solve``), assemble the run's forecasters
-    and apply the shrinkage (``shrink``)."""
-    device = device or default_device()
-    moments = Moments.cat([p.to(device, _dtype(device)) for p in parts])
-    fitted = solve(moments, _ratios(plan, device), config)
-    fc = assemble(plan, config, [(fitted.A.cpu().to(torch.float64), fitted.b.cpu().to(torch.float64))])
-    return shrink(store, plan, fc, config, device)
+    """Refine every chunk of the reduced batches at once (``solve``) and assemble the run's forecasters,
+    shrunk towards the newest weights as config.shrink says (method page, section 3b).
 
-
-def shrink(store: RunStore, plan: FitPlan, fc: Forecasters, config: FitConfig,
-           device: torch.device | None = None) -> Forecasters:
-    """``fc`` pulled towards the newest weights by config.shrink (method page, section 3b).
-
-    "auto": the backtest of the fit on the run's own history, on the sampled parameters: fit (the same
-    config, unshrunk) on the steps up to s_b, the checkpoint from which the plan's ratio reaches the
-    newest step, forecast the newest step, and take the alpha in [0, 1] that minimises the L1 error
-    (each sampled parameter weighted by its chunk's size over its sample). Too few checkpoints for
-    that backtest: alpha = 1 (no shrinkage), and the forecasters say why.
+    shrink "auto": a backtest of the fit on the run's own history, on the sampled parameters: fit (the
+    same config, unshrunk) on the steps up to s_b, the checkpoint from which the plan's ratio reaches
+    the newest step, forecast the newest step, and take the alpha in [0, 1] that minimises the L1
+    error (each sampled parameter weighted by its chunk's size over its sample). That fit is refined
+    in the same loop as the target's (its chunks are more rows of the batch). Too few checkpoints
+    for the backtest: alpha = 1 (no shrinkage), and the forecasters say why.
     """
+    device = device or default_device()
+    inner_config = replace(config, shrink=1.0)
+    inner, why = _backtest_plan(store, plan, inner_config) if config.shrink == "auto" else (None, "")
+    inner_parts = _reduce_all(store, inner, inner_config, device) if inner else []
+    moments = Moments.cat([p.to(device, _dtype(device)) for p in parts + inner_parts])
+    K = sum(p.G.shape[0] for p in parts)
+    ratios = _ratios(plan, device).expand(K, -1)
+    if inner:
+        ratios = torch.cat([ratios, _ratios(inner, device).expand(moments.G.shape[0] - K, -1)])
+    fitted = solve(moments, ratios, config)
+    A, b = fitted.A.cpu().to(torch.float64), fitted.b.cpu().to(torch.float64)
+    fc = assemble(plan, config, [(A[:K], b[:K])])
     if config.shrink != "auto":
         return fc.shrunk(float(config.shrink), "stated") if config.shrink != 1 else fc
-    times, n = np.asarray(plan.times), plan.n_rows
+    if inner is None:
+        return fc.shrunk(1.0, f"none: too few checkpoints for a backtest ({why})")
+    b_row = inner.n_rows - 1
+    moved, needed, weights = _backtest_sampled(store, assemble(inner, inner_config, [(A[K:], b[K:])]), fc.keys,
+                                               b_row, plan.n_rows - 1, config)
+    return fc.shrunk(shrink_factor(moved, needed, weights),
+                     f"backtest: fitted on steps up to {plan.steps[b_row]}, forecast step {plan.steps[-1]}")
+
+
+def _backtest_plan(store: RunStore, plan: FitPlan, config: FitConfig) -> tuple[FitPlan | None, str]:
+    """The plan of the fit that the shrinkage's backtest needs (on the steps up to s_b), or (None, why not)."""
+    times = np.asarray(plan.times)
     b = backtest_row(times, plan.rho)
-    steps = plan.steps
+    if b >= plan.n_rows - 1:
+        return None, f"no checkpoint between the first and the newest leaves a ratio above 1 ({plan.n_rows} checkpoints)"
     try:
-        if b >= n - 1:
-            raise ForecastError(f"no checkpoint between the first and the newest leaves a ratio above 1 ({len(steps)} checkpoints)")
-        inner_config = replace(config, shrink=1.0)
-        inner_plan = plan_fit(store, b + 1, (times[-1] - times[0]) / (times[b] - times[0]), inner_config, plan.axis)
+        return plan_fit(store, b + 1, (times[-1] - times[0]) / (times[b] - times[0]), config, plan.axis), ""
     except ForecastError as e:
-        return fc.shrunk(1.0, f"none: too few checkpoints for a backtest ({e})")
-    device = device or default_device()
-    inner = finish(store, inner_plan, inner_config, _reduce_all(store, inner_plan, inner_config, device), device)
-    moved, needed, weights = _backtest_sampled(store, inner, fc.keys, b, n - 1, config)
-    alpha = shrink_factor(moved, needed, weights)
-    return fc.shrunk(alpha, f"backtest: fitted on steps up to {steps[b]}, forecast step {steps[n - 1]}")
+        return None, str(e)
 
 
 def _backtest_sampled(store: RunStore, fc: Forecasters, keys: list[tuple[str, int]], b: int, newest: int,
