@@ -37,6 +37,7 @@ class PairPlan:
     features: tuple[tuple[Interp, ...], ...]  # per cut: one Interp per feature
     targets: tuple[tuple[Interp, ...], ...]  # per cut: one Interp per horizon ratio
     app_features: tuple[Interp, ...]  # the features at the newest row, for the forecast itself
+    cut_weights: tuple[float, ...] = ()  # per cut, mean 1: how much its pairs count (empty: all 1)
 
     def coefficients(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every value the plan uses as a weighted sum of its ``rows``: (features (C, F, R),
@@ -101,8 +102,10 @@ def plan_pairs(
     max_cuts: int = 8,
     extra_features: Sequence[float] = (),
     unit: str = "steps",
+    recency: float = 0.0,
 ) -> PairPlan:
-    """Calibration pairs for target ratio ``rho`` on a run observed at ``times`` (ascending).
+    """Calibration pairs for target ratio ``rho`` on a run observed at ``times`` (ascending); each
+    cut's pairs weighted by (t_c - t_0) ** recency (normalised to mean 1).
 
     Raises ForecastError naming the largest supported ratio when no cut is admissible.
     """
@@ -135,4 +138,5 @@ def plan_pairs(
     features = tuple(tuple(at(t0 + g * (times[c] - t0)) for g in fr) for c in cuts)
     targets = tuple(tuple(at(t0 + r * (times[c] - t0)) for r in ratios) for c in cuts)
     app = feature_interps(times, fr)
-    return PairPlan(float(rho), ratios, fr, cuts, features, targets, app)
+    w = (times[list(cuts)] - t0) ** recency
+    return PairPlan(float(rho), ratios, fr, cuts, features, targets, app, tuple(float(x) for x in w / w.mean()))

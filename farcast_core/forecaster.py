@@ -99,7 +99,7 @@ def _ridge(dt: torch.dtype, D: int, device) -> torch.Tensor:
     return max(1e-8, 100 * torch.finfo(dt).eps) * torch.eye(D, dtype=dt, device=device)
 
 
-def reduce_values(W: torch.Tensor, mask: torch.Tensor, coefs) -> Moments:
+def reduce_values(W: torch.Tensor, mask: torch.Tensor, coefs, cut_weights=()) -> Moments:
     """Moments of a batch of chunks straight from their sampled values, without forming the pairs.
 
     W (K, R, P): chunk k's P sampled parameters at the R stored rows a plan reads (zero-padded),
@@ -108,7 +108,9 @@ def reduce_values(W: torch.Tensor, mask: torch.Tensor, coefs) -> Moments:
     rows, and the normalised design is linear in V = [w - w_newest (R rows), w_newest, 1]; so the
     mean of x x' over all C x P calibration rows is the mean over cuts of T_c S T_c' with S the
     (R+2) x (R+2) second moment of V: one pass over the values. tests/test_forecaster.py pins this
-    to the same moments computed from the explicit pairs.
+    to the same moments computed from the explicit pairs. ``cut_weights`` (C,), mean 1: each cut's
+    pairs count that much in the moments (PairPlan.cut_weights; empty: all alike); the normalisers
+    and the kappa subsets stay unweighted (they set units and the residuals' shape).
     """
     Fc, Tg, Ap = (torch.as_tensor(c, dtype=W.dtype, device=W.device) for c in coefs)
     dt, dev = W.dtype, W.device
@@ -149,7 +151,10 @@ def reduce_values(W: torch.Tensor, mask: torch.Tensor, coefs) -> Moments:
     U[..., :R] = (Tg - Fc[:, -1:, :]) / s_y.view(K, 1, 1, 1)  # (y - w_c) / s_y
     Z = torch.cat([T, U], 2)  # (K, C, D+m, R+2)
     S = V @ V.transpose(-1, -2) / n.unsqueeze(-1)  # (K, R+2, R+2)
-    Mbar = (Z @ S.unsqueeze(1) @ Z.transpose(-1, -2)).mean(1)  # (K, D+m, D+m)
+    per_cut = Z @ S.unsqueeze(1) @ Z.transpose(-1, -2)  # (K, C, D+m, D+m)
+    if len(cut_weights):
+        per_cut = per_cut * torch.as_tensor(cut_weights, dtype=dt, device=dev).view(1, C, 1, 1)
+    Mbar = per_cut.mean(1)  # (K, D+m, D+m)
     G, H, YY = Mbar[:, :D, :D], Mbar[:, :D, D:], Mbar[:, D:, D:]
     P0 = torch.linalg.solve(G + _ridge(dt, D, dev), H)
     mse0 = ((G @ P0) * P0).sum(-2) - 2 * (H * P0).sum(-2) + YY.diagonal(dim1=-2, dim2=-1)
@@ -304,9 +309,10 @@ def solve(M: Moments, ratios: torch.Tensor, config: FitConfig) -> BatchFit:
     return BatchFit(A, Pw[..., -1, :], torch.from_numpy(best_loss))
 
 
-def fit_values(W: torch.Tensor, mask: torch.Tensor, coefs, ratios: torch.Tensor, config: FitConfig) -> BatchFit:
+def fit_values(W: torch.Tensor, mask: torch.Tensor, coefs, ratios: torch.Tensor, config: FitConfig,
+               cut_weights=()) -> BatchFit:
     """Fit one forecaster per chunk (``reduce_values`` then ``solve``; see them for the shapes)."""
-    return solve(reduce_values(W, mask, coefs), ratios, config)
+    return solve(reduce_values(W, mask, coefs, cut_weights), ratios, config)
 
 
 def apply(A: torch.Tensor, b: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:

@@ -35,13 +35,13 @@ def fit_series(
     W: torch.Tensor, times: Sequence[float], rho: float, config: FitConfig = FitConfig()
 ) -> tuple[BatchFit, PairPlan]:
     """Fit one forecaster on a (T, P) series observed at ``times``."""
-    plan = plan_pairs(times, rho, config.horizons, config.max_cuts, config.extra_features)
+    plan = plan_pairs(times, rho, config.horizons, config.max_cuts, config.extra_features, recency=config.recency)
     W = W.to(torch.float64)
     idx = torch.from_numpy(sample_index(W.shape[1], config.sample, config.seed))
     values = W[plan.rows][:, idx]  # (R, l): the rows the plan reads, of the sampled parameters
     ratios = torch.tensor(plan.ratios, dtype=torch.float64)
     fitted = fit_values(values[None], torch.ones(1, values.shape[1], dtype=torch.bool), plan.coefficients(), ratios,
-                        config)
+                        config, plan.cut_weights)
     return fitted, plan
 
 

@@ -107,7 +107,8 @@ def plan_fit(
     axis = axis or time_axis(store, config)
     steps = store.steps[:n_rows]
     times = axis.times(steps)
-    pairs_plan = plan_pairs(times, rho, config.horizons, config.max_cuts, config.extra_features, axis.unit)
+    pairs_plan = plan_pairs(times, rho, config.horizons, config.max_cuts, config.extra_features, axis.unit,
+                            config.recency)
     excluded = sorted(excluded_tensors(store, n_rows))
     metas = [m for m in store.tensors.values() if m.kind == "float" and m.name not in excluded]
     if not metas:
@@ -132,7 +133,8 @@ def reduce_keys(
     ``sampled``: ``read_sampled``'s result covering these keys, when the caller read it already.
     """
     W, mask = sampled_values(store, keys, plan.pairs.rows, config, sampled)
-    return reduce_values(W.to(device=device, dtype=_dtype(device)), mask.to(device), plan.pairs.coefficients())
+    return reduce_values(W.to(device=device, dtype=_dtype(device)), mask.to(device), plan.pairs.coefficients(),
+                         plan.pairs.cut_weights)
 
 
 def sampled_values(store: RunStore, keys: list[tuple[str, int]], rows: list[int], config: FitConfig,

@@ -158,8 +158,9 @@ def test_float32_fit_as_on_a_gpu_solves_constant_chunks():
     assert (out[torch.float32] - out[torch.float64]).abs().mean() < 0.05 * moved
 
 
-def explicit_moments(feats, targets, app):
-    """The reduced problem computed the plain way, from the explicit pairs of one chunk (the reference)."""
+def explicit_moments(feats, targets, app, row_weights=None):
+    """The reduced problem computed the plain way, from the explicit pairs of one chunk (the reference);
+    ``row_weights``: each pair's weight in the moments (the normalisers stay unweighted)."""
     wc = feats[:, -1:]
     s_rel = (feats[:, :-1] - wc).abs().mean(0) + 1e-12
     s_wc = wc.abs().mean(0) + 1e-12
@@ -170,30 +171,35 @@ def explicit_moments(feats, targets, app):
         return torch.cat([(f[:, :-1] - c) / s_rel, c / s_wc, torch.ones_like(c)], -1)
 
     X, Xa, Y = design(feats), design(app), (targets - wc) / s_y
-    G = X.T @ X / len(X)
-    P0 = torch.linalg.solve(G + 1e-8 * torch.eye(G.shape[0], dtype=G.dtype), X.T @ Y / len(X))
-    return dict(G=G, P0=P0, mse0=((X @ P0 - Y) ** 2).mean(0), Ga=Xa.T @ Xa / len(Xa),
+    w = torch.ones(len(X), dtype=X.dtype) if row_weights is None else row_weights
+    G = (X * w[:, None]).T @ X / len(X)
+    P0 = torch.linalg.solve(G + 1e-8 * torch.eye(G.shape[0], dtype=G.dtype), (X * w[:, None]).T @ Y / len(X))
+    return dict(G=G, P0=P0, mse0=(w[:, None] * (X @ P0 - Y) ** 2).mean(0), Ga=Xa.T @ Xa / len(Xa),
                 scale=torch.cat([s_rel, s_wc, s_y]), X=X, Y=Y, Xa=Xa)
 
 
-@pytest.mark.parametrize("extra", [(), (0.5, 0.8)])
-def test_moments_from_values_equal_those_of_the_explicit_pairs(extra):
+@pytest.mark.parametrize("extra,recency", [((), 0.0), ((0.5, 0.8), 0.0), ((0.5, 0.8), 2.0)])
+def test_moments_from_values_equal_those_of_the_explicit_pairs(extra, recency):
     """reduce_values never forms the calibration pairs; it must give what forming them gives, for
-    chunks of different sizes padded into one batch (real SGD weights, interpolated cuts)."""
+    chunks of different sizes padded into one batch (real SGD weights, interpolated cuts), with each
+    cut's pairs weighted by (t_c - t_0) ** recency."""
     from farcast_core.forecaster import reduce_values
     from farcast_core.series import pairs
 
     W = sgd_least_squares(1, dim=50)
-    plan = plan_pairs(T, 2.5, 4, 8, extra)  # ratio 2.5: targets fall between checkpoints
+    plan = plan_pairs(T, 2.5, 4, 8, extra, recency=recency)  # ratio 2.5: targets fall between checkpoints
+    tc = T[list(plan.cuts)].astype(float)
+    assert np.allclose(plan.cut_weights, tc**recency / np.mean(tc**recency)) and np.mean(plan.cut_weights) == pytest.approx(1)
     rows = list(range(len(T)))
     chunks = [W[:, :50], W[:, 10:30] * 3 + 1]
     batch = torch.zeros(2, len(plan.rows), 50, dtype=torch.float64)
     mask = torch.zeros(2, 50, dtype=torch.bool)
     for k, c in enumerate(chunks):
         batch[k, :, : c.shape[1]], mask[k, : c.shape[1]] = c[plan.rows], True
-    M = reduce_values(batch, mask, plan.coefficients())
+    M = reduce_values(batch, mask, plan.coefficients(), plan.cut_weights)
     for k, c in enumerate(chunks):
-        ref = explicit_moments(*pairs(c, rows, plan))
+        per_row = torch.tensor(plan.cut_weights, dtype=torch.float64).repeat_interleave(c.shape[1])  # pairs are cut-major
+        ref = explicit_moments(*pairs(c, rows, plan), per_row)
         for name in ("G", "P0", "Ga", "scale"):
             assert torch.allclose(getattr(M, name)[k], ref[name], rtol=1e-9, atol=1e-9), name
         assert torch.allclose(M.mse0[k], ref["mse0"], rtol=1e-6, atol=1e-9)
@@ -263,7 +269,7 @@ def test_kappa_ignores_the_padded_rows_bit_for_bit():
     mask = torch.zeros(2, 50, dtype=torch.bool)
     for k, c in enumerate([W[:, :50], W[:, 10:30] * 3 + 1]):
         batch[k, :, : c.shape[1]], mask[k, : c.shape[1]] = c[plan.rows], True
-    M = reduce_values(batch, mask, plan.coefficients())
+    M = reduce_values(batch, mask, plan.coefficients(), plan.cut_weights)
     for z, m in ((M.X @ M.P0 - M.Y, M.mask), (M.Xa @ _steps(M.P0), M.app_mask)):
         assert not m.all() and (z[~m] == 0).all()
         w = m.to(z.dtype).unsqueeze(-1)

@@ -48,13 +48,17 @@ def test_the_ode_under_a_decaying_schedule_is_forecast_on_the_lr_axis(name, warm
     steps, W, traj = gd_run(sched)
     truth = traj[400]  # the end of training, from step 200: ratio 2 in steps
     moved = (W[-1] - truth).abs().mean().item()
-    err = {}
+    err, default = {}, {}
     for axis, times in (("steps", np.array(steps, float)), ("lr", sched.tau(steps))):
         T = 400.0 if axis == "steps" else sched.tau([400])[0]
         rho = (T - times[0]) / (times[-1] - times[0])
-        err[axis] = (forecast_series(W, times, rho) - truth).abs().mean().item() / moved
-    assert err["lr"] < 0.02, err  # measured 0.4% (linear) and 0.7% (cosine) of persistence's error
-    assert err["steps"] > 5 * err["lr"] and err["steps"] > 0.05, err  # measured 7% and 46%
+        # the axis alone: every calibration cut alike (the default weights the later cuts more, which
+        # also rescues the steps axis here: measured 0.13% for the linear schedule, 4.6% for the cosine)
+        err[axis] = (forecast_series(W, times, rho, FitConfig(recency=0.0)) - truth).abs().mean().item() / moved
+        default[axis] = (forecast_series(W, times, rho) - truth).abs().mean().item() / moved
+    assert err["lr"] < 0.02, err  # measured 0.4% (linear) and 1.2% (cosine) of persistence's error
+    assert err["steps"] > 5 * err["lr"] and err["steps"] > 0.05, err  # measured 6.9% and 24%
+    assert default["lr"] < 0.02, default  # measured 1.6% (linear) and 1.5% (cosine)
 
 
 def test_a_stated_schedule_drives_fit_backtest_and_emit(tmp_path):
@@ -73,8 +77,10 @@ def test_a_stated_schedule_drives_fit_backtest_and_emit(tmp_path):
     report = backtest(tmp_path / "store", target_step=400, config=cfg)
     assert report["axis"]["name"] == "lr" and set(report["axes"]) == {"lr", "steps"}
     lr, st = report["axes"]["lr"], report["axes"]["steps"]
-    # measured: 0.00013 vs 0.055 x persistence (fitted up to step 160, forecast 200)
-    assert lr["farcast_vs_persistence"] < 0.01 and st["farcast_vs_persistence"] > 10 * lr["farcast_vs_persistence"]
+    # measured: 0.0047 vs 0.0073 x persistence (fitted up to step 160, forecast 200); with every cut alike
+    # and no shrinkage 0.00013 vs 0.055 (the test above compares the axes so); the shrinkage chose
+    # alpha 0.996 on this exact path, which is most of the lr axis's 0.0047
+    assert lr["farcast_vs_persistence"] < 0.01 and st["farcast_vs_persistence"] > lr["farcast_vs_persistence"]
     table = format_table(report)
     assert "time axis: lr" in table and "MAE lr" in table and "MAE steps" in table
 
