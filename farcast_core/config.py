@@ -30,7 +30,8 @@ class FitConfig:
     extra_features: tuple[float, ...] = (0.5, 0.8)
     # Calibration cuts weighted by (t_c - t_0) ** recency (0: all alike, the method page's stacking):
     # the later cuts are the most like the forecast itself. 2 measured on bench/forecast_quality.py:
-    # 16 of 18 rows the same or better than 0 (0.01-0.05), the worst +0.013; 4 cost digits SGD +0.05.
+    # 15 of 18 rows the same (within 0.001) or better than 0, by up to 0.053, the other three 0.006-0.013
+    # worse; 4 cost digits SGD +0.05.
     recency: float = 2.0
     linefit_k: int = 4  # checkpoints in the per-weight line-fit baseline
     seed: int = SEED  # seeds the parameter sample of each chunk
