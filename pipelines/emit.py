@@ -110,7 +110,7 @@ def _write(store: RunStore, axis, checked: tuple, fc: Forecasters, report: dict,
         "farcast": json.dumps({
             "version": VERSION, "method": "farcast-1layer", "config": fc.config.to_json(),
             "source": store.source, "source_steps": store.steps, "target_step": target, "ratio": rho,
-            "axis": axis.to_json(),
+            "axis": axis.to_json(), "shrink": fc.shrink,
             "optimizer": config.optimizer, "excluded": fc.excluded, "copied_from": forecast.copied_from,
             "backtest": {m: v["mae"] for m, v in report["methods"].items()}
             | {"farcast_vs_persistence": report["farcast_vs_persistence"], "backtest_from": report["backtest_from"]},

@@ -109,8 +109,10 @@ def test_backtest_command_json_and_table(adam_store, tmp_path):
     for key in ("methods", "farcast_vs_persistence", "observed_until", "backtest_from", "target_step"):
         assert key in out
     assert all("mae" in out["methods"][m] for m in ("farcast", "persistence", "chord", "linear", "linefit"))
+    assert out["shrink"]["chosen"] == "backtest: fitted on steps up to 15, forecast step 30", out["shrink"]
     r = CliRunner().invoke(main, ["backtest", str(adam_store), "--target-step", "90"])
     assert r.exit_code == 0 and "persistence" in r.output and "farcast" in r.output
+    assert "the backtest's forecast was shrunk towards step 40: alpha" in r.output, r.output
     r = CliRunner().invoke(main, ["backtest", str(adam_store), "--ratio", "50"])
     assert r.exit_code == 2 and "can backtest ratios up to" in r.stderr
 
@@ -125,6 +127,10 @@ def test_backtest_command_on_a_checkpoint_dir_and_fit_command(tmp_path, monkeypa
     assert len(stores) == 1
     r = CliRunner().invoke(main, ["fit", str(stores[0]), "--ratio", "1.5", "--out", str(tmp_path / "fc")])
     assert r.exit_code == 0 and (tmp_path / "fc" / "target_45.safetensors").is_file()
+    assert "shrinkage towards step 30: alpha" in r.output and "(backtest: fitted on steps up to 20, forecast step 30)" in r.output, r.output
+    r = CliRunner().invoke(main, ["fit", str(stores[0]), "--ratio", "1.5", "--out", str(tmp_path / "fc"), "--force",
+                                  "--shrink", "1", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["shrink"] is None, r.output
     r = CliRunner().invoke(main, ["fit", str(stores[0])])
     assert r.exit_code == 2 and "exactly one of --target-step or --ratio" in r.stderr
 

@@ -92,6 +92,8 @@ def test_a_stated_schedule_drives_fit_backtest_and_emit(tmp_path):
         got = f.get_tensor("w").reshape(-1).double()
         meta = json.loads(f.metadata()["farcast"])
     assert meta["axis"]["name"] == "lr" and meta["axis"]["schedule"]["name"] == "cosine"
+    assert 0 <= meta["shrink"]["alpha"] <= 1 and meta["shrink"]["chosen"].startswith("backtest: fitted on steps up to")
+    assert meta["config"]["shrink"] == "auto" and meta["config"]["recency"] == 2.0
     truth = traj[400]
     assert (got - truth).abs().mean() < 0.05 * (W[-1] - truth).abs().mean()
 
