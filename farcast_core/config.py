@@ -44,7 +44,7 @@ class FitConfig:
     # {name, peak_lr, warmup, total, options}, preferred over what the checkpoints recorded.
     axis: str = "auto"
     schedule: dict | None = None
-    # Shrinkage towards the newest weights (docs/method.md, section 3b): every forecast becomes
+    # Shrinkage towards the newest weights (docs/method.md): every forecast becomes
     # w_n + alpha (forecast - w_n). "auto" chooses alpha in [0, 1] from a backtest on the run's own
     # history (fit on the steps up to s_b, forecast the newest step on the sampled parameters,
     # take the alpha that minimises the L1 error); a number states alpha (1: the paper's forecaster).

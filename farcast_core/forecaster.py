@@ -338,7 +338,7 @@ def forecast_rows(A: torch.Tensor, b: torch.Tensor, interps, rows, values: torch
 
 
 def shrink_factor(moved: np.ndarray, needed: np.ndarray, weights: np.ndarray | None = None) -> float:
-    """The alpha in [0, 1] that minimises sum_i weights_i |needed_i - alpha moved_i| (method page, 3b).
+    """The alpha in [0, 1] that minimises sum_i weights_i |needed_i - alpha moved_i| (docs/method.md, "Shrinkage").
 
     ``moved``: each parameter's forecast step (forecast - newest), ``needed``: its real step. The
     objective is sum_i w_i |moved_i| |needed_i / moved_i - alpha|, so the minimiser is the median of

@@ -233,7 +233,7 @@ def device_batch(device: torch.device, rows: int, sample: int, default: int) -> 
 def finish(store: RunStore, plan: FitPlan, config: FitConfig, parts: list[Moments],
            device: torch.device | None = None) -> Forecasters:
     """Refine every chunk of the reduced batches at once (``solve``) and assemble the run's forecasters,
-    shrunk towards the newest weights as config.shrink says (method page, section 3b).
+    shrunk towards the newest weights as config.shrink says (docs/method.md, "Shrinkage").
 
     shrink "auto": a backtest of the fit on the run's own history, on the sampled parameters: fit (the
     same config, unshrunk) on the steps up to s_b, the checkpoint from which the plan's ratio reaches
