@@ -16,16 +16,15 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from farcast_core.calibration import feature_interps  # noqa: E402
-from farcast_core.forecaster import FitConfig, forecast_rows  # noqa: E402
+from farcast_core.forecaster import FitConfig  # noqa: E402
 from farcast_core.series import backtest_row  # noqa: E402
+from farcast.pipelines.emit import TargetChunks  # noqa: E402
 from farcast.pipelines.fit import fit_store, time_axis  # noqa: E402
 from farcast.storage.store import RunStore  # noqa: E402
 
@@ -42,24 +41,14 @@ def held_out() -> torch.Tensor:
 
 
 def forecast_weights(store: RunStore, cfg: FitConfig, rho: float) -> tuple[int, int, dict, float | None]:
-    """(cut step, newest step, the backtest's forecast of the newest step as a state dict, alpha)."""
+    """(cut step, newest step, the backtest's forecast of the newest step, as emit computes it, of every
+    forecast tensor, alpha)."""
     axis = time_axis(store, cfg)
     times = axis.times(store.steps)
     b = backtest_row(times, rho)
     fc = fit_store(store, b + 1, (times[-1] - times[0]) / (times[b] - times[0]), cfg, axis=axis)
-    app = feature_interps(times[: b + 1], fc.feature_ratios)
-    rows = sorted({r for it in app for r in (it.lo, it.hi)})
-    row_of, out = fc.row(), {}
-    for name, m in store.tensors.items():
-        if m.kind != "float":
-            continue
-        w = torch.empty(m.numel, dtype=torch.float64)
-        for i in range(m.plan.n_chunks):
-            lo, hi = m.plan.bounds(i)
-            v = torch.from_numpy(np.asarray(store.read(name, rows, lo, hi), dtype=np.float64))
-            k = row_of.get((name, i))
-            w[lo:hi] = forecast_rows(fc.A[k], fc.b[k], app, rows, v) if k is not None else v[-1]
-        out[name] = w.reshape(m.shape)
+    chunks = TargetChunks(store, fc)
+    out = {name: chunks.tensor(store.tensors[name]).double() for name in fc.chunks}
     return store.steps[b], store.steps[-1], out, (fc.shrink or {}).get("alpha")
 
 

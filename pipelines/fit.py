@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from farcast_core import timeaxis
-from farcast_core.calibration import PairPlan, feature_interps, interp_weights, plan_pairs
+from farcast_core.calibration import PairPlan, feature_interps, plan_pairs
 from farcast_core.dtypes import widen
 from farcast_core.errors import ForecastError
-from farcast_core.forecaster import (FitConfig, Forecasters, Moments, default_device, reduce_values, shrink_factor,
-                                     solve)
+from farcast_core.forecaster import (FitConfig, Forecasters, Moments, default_device, forecast_rows, reduce_values,
+                                     shrink_factor, solve)
 from farcast_core.series import backtest_row
 from farcast_core.sampling import chunk_seed, sample_index
 from farcast_core.timeaxis import STEPS, TimeAxis
@@ -280,20 +280,21 @@ def _backtest_plan(store: RunStore, plan: FitPlan, config: FitConfig) -> tuple[F
 def _backtest_sampled(store: RunStore, fc: Forecasters, keys: list[tuple[str, int]], b: int, newest: int,
                       config: FitConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(forecast step, real step, weight) of every sampled parameter of ``keys`` when ``fc`` (fitted on
-    rows 0..b) forecasts row ``newest``: the step is from row b; the weight is chunk size / sample size."""
+    rows 0..b) forecasts row ``newest`` (``forecast_rows``, as emit and the backtest do): the steps are
+    from row b; the weight is chunk size / sample size."""
     app = feature_interps(fc.times or [float(s) for s in fc.steps], fc.feature_ratios)
     rows = sorted({newest, b, *(r for it in app for r in (it.lo, it.hi))})
-    pos = {r: i for i, r in enumerate(rows)}
-    iw = interp_weights(app, rows)  # (F, R)
-    row_of = fc.row()
-    idx = [row_of[k] for k in keys]
-    fold = torch.einsum("kf,fr->kr", fc.A[idx, :, -1], torch.from_numpy(iw))  # (K, R): forecast = fold @ values + b
     W, mask = sampled_values(store, keys, rows, config)
-    forecast = torch.einsum("kr,krp->kp", fold, W) + fc.b[idx, -1:]
-    moved, needed = forecast - W[:, pos[b]], W[:, pos[newest]] - W[:, pos[b]]
-    size = torch.tensor([float(hi - lo) for lo, hi in (store.tensors[name].plan.bounds(i) for name, i in keys)], dtype=torch.float64)
-    weights = (size / mask.sum(1).clamp_min(1).to(torch.float64))[:, None].expand_as(moved)
-    return moved[mask].numpy(), needed[mask].numpy(), weights[mask].numpy()
+    row_of = fc.row()
+    moved, needed, weights = [], [], []
+    for (name, i), values, real in zip(keys, W, mask):
+        lo, hi = store.tensors[name].plan.bounds(i)
+        v = values[:, real]  # (R, sampled)
+        k = row_of[(name, i)]
+        moved.append(forecast_rows(fc.A[k], fc.b[k], app, rows, v) - v[rows.index(b)])
+        needed.append(v[rows.index(newest)] - v[rows.index(b)])
+        weights.append(torch.full((v.shape[1],), (hi - lo) / v.shape[1], dtype=torch.float64))
+    return tuple(torch.cat(x).numpy() for x in (moved, needed, weights))
 
 
 def read_sampled(store: RunStore, rows: list[int], config: FitConfig, keys=None) -> tuple[np.ndarray, int] | None:
