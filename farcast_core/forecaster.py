@@ -265,9 +265,10 @@ REFRESH = 2
 
 
 def solve(M: Moments, ratios: torch.Tensor, config: FitConfig) -> BatchFit:
-    """Refine every chunk's least-squares start (``ratios``: the horizons, (m,) for every chunk or (K, m)
-    one row per chunk, so that fits for different targets share the loop) on the reduced objective with Adam (cosine-decayed
-    rate, torch.optim.Adam's update written out), keeping each chunk's best iterate.
+    """Refine every chunk's least-squares start on the reduced objective with Adam (cosine-decayed
+    rate, torch.optim.Adam's update written out), keeping each chunk's best iterate. ``ratios``: the
+    horizons, (m,) for every chunk or (K, m), one row per chunk, so that fits for different targets
+    share the loop.
 
     Runs in float64 numpy on the CPU whatever device reduced the rows: the moments are a few
     numbers per chunk, so they move once and the loop pays no per-operation device overhead.

@@ -138,8 +138,9 @@ def reduce_chunks_task(store: str, plan: fit_mod.FitPlan, fit_config: dict, keys
 @task(name="solve-and-save", **DISK_RETRIES)
 def save_forecasters_task(store: str, plan: fit_mod.FitPlan, target: int, fit_config: dict, parts: list) -> str:
     """Refine every chunk at once (the moments are small) and save the forecasters."""
-    fc = fit_mod.finish(RunStore.open(store), plan, FitConfig.from_json(fit_config), parts)
-    return str(fit_mod.save(RunStore.open(store), fc, default_forecaster_path(store, target), target))
+    s = RunStore.open(store)
+    fc = fit_mod.finish(s, plan, FitConfig.from_json(fit_config), parts)
+    return str(fit_mod.save(s, fc, default_forecaster_path(store, target), target))
 
 
 @task(name="emit", **DISK_RETRIES)
