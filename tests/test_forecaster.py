@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from farcast_core import baselines
 from farcast_core.calibration import max_ratio, plan_pairs
@@ -279,10 +281,6 @@ def test_kappa_ignores_the_padded_rows_bit_for_bit():
 
 
 # ---------------------------------------------------------------- shrinkage towards the newest weights
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
 
 def _l1(alpha, moved, needed, w):
     return float(np.sum(w * np.abs(needed - alpha * moved)))
