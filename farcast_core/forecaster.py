@@ -51,7 +51,7 @@ class BatchFit:
 
 # Rows of each chunk kept after the reduction, to re-measure the shape of the residuals (kappa)
 # during the refinement; the second moments themselves use every row.
-KAPPA_ROWS = 2048
+KAPPA_ROWS = 1024
 
 
 @dataclass
@@ -352,10 +352,17 @@ def shrink_factor(moved: np.ndarray, needed: np.ndarray, weights: np.ndarray | N
         return 1.0  # the forecast moves nothing: alpha does not matter
     with np.errstate(over="ignore"):  # a tiny step's ratio may overflow to inf: its weight is tiny too
         r, w = needed[keep] / moved[keep], w[keep]
+    # the median clipped to [0, 1]: only the ratios inside (0, 1) need sorting
+    half, low, inside = 0.5 * w.sum(), r <= 0, (r > 0) & (r < 1)
+    below = w[low].sum()
+    if below >= half:
+        return 0.0
+    if below + w[inside].sum() < half:
+        return 1.0
+    r, w = r[inside], w[inside]
     order = np.argsort(r, kind="stable")
-    r, cw = r[order], np.cumsum(w[order])
-    alpha = float(r[np.searchsorted(cw, 0.5 * cw[-1])])
-    return min(max(alpha, 0.0), 1.0)
+    cw = below + np.cumsum(w[order])
+    return float(r[order][min(np.searchsorted(cw, half), len(r) - 1)])
 
 
 @dataclass

@@ -156,15 +156,16 @@ def sampled_values(store: RunStore, keys: list[tuple[str, int]], rows: list[int]
 
 
 def _gather_sampled(store: RunStore, keys: list[tuple[str, int]], sampled: tuple[np.ndarray, int]):
-    """(W (K, R, P) float64, mask (K, P)) of ``keys`` from ``read_sampled``'s columns in one gather: each
-    chunk's sampled values, zero-padded to the longest (what filling chunk by chunk gives, 10x faster)."""
+    """(W (K, R, P) float64, mask (K, P)) of ``keys`` from ``read_sampled``'s columns: each chunk's
+    sampled values (a contiguous span of columns), zero-padded to the longest, copied straight into
+    one array (no full-size temporaries: in a fresh process their first-touch costs as much as the copy)."""
     values, start = sampled
-    spans = np.array([store.sample_layout.spans[k] for k in keys], dtype=np.int64) - start  # (K, 2)
-    lens = spans[:, 1] - spans[:, 0]
-    mask = np.arange(int(lens.max()))[None, :] < lens[:, None]  # (K, P)
-    idx = np.minimum(spans[:, :1] + np.arange(mask.shape[1])[None, :], values.shape[1] - 1)
-    # padding gets 0, not 0 x (another chunk's values): those may be NaN/Inf (tensors excluded from the fit)
-    W = np.where(mask[:, None, :], values[:, idx].transpose(1, 0, 2), 0.0).astype(np.float64)  # (K, R, P)
+    spans = [store.sample_layout.spans[k] for k in keys]
+    lens = [b - a for a, b in spans]
+    W = np.zeros((len(keys), values.shape[0], max(lens)), dtype=np.float64)
+    for k, (a, b) in enumerate(spans):
+        W[k, :, : b - a] = values[:, a - start : b - start]
+    mask = np.arange(W.shape[2])[None, :] < np.asarray(lens)[:, None]  # (K, P)
     return torch.from_numpy(W), torch.from_numpy(mask)
 
 

@@ -30,6 +30,8 @@ is never rewritten.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import shutil
 import threading
@@ -77,11 +79,11 @@ class TensorMeta:
     chunk: int  # values per chunk along the parameter axis
     path: str  # array path inside the store
 
-    @property
+    @functools.cached_property  # a fit asks for every chunk's bounds: computed once per tensor
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
-    @property
+    @functools.cached_property
     def plan(self) -> ChunkPlan:
         return ChunkPlan(self.numel, self.chunk)
 
