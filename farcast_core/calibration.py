@@ -39,10 +39,11 @@ class PairPlan:
     app_features: tuple[Interp, ...]  # the features at the newest row, for the forecast itself
     cut_weights: tuple[float, ...] = ()  # per cut, mean 1: how much its pairs count (empty: all 1)
 
-    def coefficients(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every value the plan uses as a weighted sum of its ``rows``: (features (C, F, R),
-        targets (C, m, R), newest features (F, R)), C cuts, R = len(rows)."""
-        rows = self.rows
+    def coefficients(self, rows: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every value the plan uses as a weighted sum of its ``rows`` (or of ``rows``, ascending, a
+        superset that a caller reads for several plans): (features (C, F, R), targets (C, m, R),
+        newest features (F, R)), C cuts, R = len(rows)."""
+        rows = self.rows if rows is None else rows
         return (np.array([interp_weights(f, rows) for f in self.features]),
                 np.array([interp_weights(g, rows) for g in self.targets]),
                 interp_weights(self.app_features, rows))

@@ -102,8 +102,8 @@ def _ridge(dt: torch.dtype, D: int, device) -> torch.Tensor:
 def reduce_values(W: torch.Tensor, mask: torch.Tensor, coefs, cut_weights=()) -> Moments:
     """Moments of a batch of chunks straight from their sampled values, without forming the pairs.
 
-    W (K, R, P): chunk k's P sampled parameters at the R stored rows a plan reads (zero-padded),
-    mask (K, P) the real parameters, coefs = PairPlan.coefficients() (features (C, F, R), targets
+    W (K, R, P): chunk k's P sampled parameters at the R stored rows a plan reads, zero outside
+    mask (K, P), the real parameters; coefs = PairPlan.coefficients() (features (C, F, R), targets
     (C, m, R), newest features (F, R)). Every feature and target is a fixed weighted sum of the
     rows, and the normalised design is linear in V = [w - w_newest (R rows), w_newest, 1]; so the
     mean of x x' over all C x P calibration rows is the mean over cuts of T_c S T_c' with S the
@@ -112,19 +112,36 @@ def reduce_values(W: torch.Tensor, mask: torch.Tensor, coefs, cut_weights=()) ->
     pairs count that much in the moments (PairPlan.cut_weights; empty: all alike); the normalisers
     and the kappa subsets stay unweighted (they set units and the residuals' shape).
     """
-    Fc, Tg, Ap = (torch.as_tensor(c, dtype=W.dtype, device=W.device) for c in coefs)
+    return reduce_many(W, mask, [(coefs, cut_weights)])[0]
+
+
+def reduce_many(W: torch.Tensor, mask: torch.Tensor, problems) -> list[Moments]:
+    """``reduce_values`` for several fitting problems on the same rows: ``problems`` is a list of
+    (coefs, cut_weights), each coefs over all R rows of W (PairPlan.coefficients(rows)). V and its
+    second moment, the one pass over the values, are shared. The reference row is W's last (any row
+    gives the same moments: every feature weighs the rows with weights summing to one)."""
     dt, dev = W.dtype, W.device
+    K, R = W.shape[:2]
+    n = mask.sum(-1, keepdim=True).to(dt).clamp_min(1)  # (K, 1)
+    # V = [w - w_newest (R rows), w_newest, 1] per parameter, written in place (values relative to the
+    # newest row are small and exact); W is zero outside the mask, and so is V
+    V = torch.empty(K, R + 2, W.shape[2], dtype=dt, device=dev)
+    torch.sub(W, W[:, -1:, :], out=V[:, :R])
+    V[:, R], V[:, R + 1] = W[:, -1], mask
+    S = V @ V.transpose(-1, -2) / n.unsqueeze(-1)  # (K, R+2, R+2)
+    sizes = mask.sum(-1).tolist()
+    return [_moments(V, S, sizes, coefs, cut_weights) for coefs, cut_weights in problems]
+
+
+def _moments(V: torch.Tensor, S: torch.Tensor, sizes: list[int], coefs, cut_weights) -> Moments:
+    """One problem's Moments from the batch's V (K, R+2, P) and S = mean V V' (``reduce_many``)."""
+    Fc, Tg, Ap = (torch.as_tensor(c, dtype=V.dtype, device=V.device) for c in coefs)
+    dt, dev = V.dtype, V.device
     C, F, R = Fc.shape
     m = Tg.shape[1]
-    K = W.shape[0]
-    w = mask.to(dt).unsqueeze(1)  # (K, 1, P)
-    n = w.sum(-1).clamp_min(1)  # (K, 1)
-    mu = W[:, -1:, :] * w  # the newest row the plan reads: values relative to it are small and exact
-    delta = (W - W[:, -1:, :]) * w  # (K, R, P)
-    V = torch.cat([delta, mu, w], 1)  # (K, R+2, P)
+    K = V.shape[0]
     # a subset of rows for kappa: every q-th parameter of a chunk (q from its own size, so the subset
     # does not depend on how chunks are batched), in every cut
-    sizes = mask.sum(-1).tolist()
     Vs, Va = _every(V, sizes, [max(1, -(-C * p // KAPPA_ROWS)) for p in sizes]), _every(
         V, sizes, [max(1, -(-p // KAPPA_ROWS)) for p in sizes])
     in_s = Vs[:, -1] > 0  # (K, Ps) the subset's real parameters (V's last row is the mask)
@@ -150,7 +167,6 @@ def reduce_values(W: torch.Tensor, mask: torch.Tensor, coefs, cut_weights=()) ->
     U = torch.zeros(K, C, m, R + 2, dtype=dt, device=dev)
     U[..., :R] = (Tg - Fc[:, -1:, :]) / s_y.view(K, 1, 1, 1)  # (y - w_c) / s_y
     Z = torch.cat([T, U], 2)  # (K, C, D+m, R+2)
-    S = V @ V.transpose(-1, -2) / n.unsqueeze(-1)  # (K, R+2, R+2)
     per_cut = Z @ S.unsqueeze(1) @ Z.transpose(-1, -2)  # (K, C, D+m, D+m)
     if len(cut_weights):
         per_cut = per_cut * torch.as_tensor(cut_weights, dtype=dt, device=dev).view(1, C, 1, 1)

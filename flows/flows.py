@@ -132,7 +132,7 @@ def reduce_chunks_task(store: str, plan: fit_mod.FitPlan, fit_config: dict, keys
     """Read one batch of chunks' sampled rows and reduce them to the moments the refinement needs."""
     moments = fit_mod.reduce_keys(RunStore.open(store), plan, [tuple(k) for k in keys], FitConfig.from_json(fit_config),
                                   default_device())
-    return moments.to(torch.device("cpu"), torch.float64)
+    return [m.to(torch.device("cpu"), torch.float64) for m in moments]
 
 
 @task(name="solve-and-save", **DISK_RETRIES)

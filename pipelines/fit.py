@@ -19,7 +19,7 @@ from farcast_core import timeaxis
 from farcast_core.calibration import PairPlan, feature_interps, plan_pairs
 from farcast_core.dtypes import widen
 from farcast_core.errors import ForecastError
-from farcast_core.forecaster import (FitConfig, Forecasters, Moments, default_device, forecast_rows, reduce_values,
+from farcast_core.forecaster import (FitConfig, Forecasters, Moments, default_device, forecast_rows, reduce_many,
                                      shrink_factor, solve)
 from farcast_core.series import backtest_row
 from farcast_core.sampling import chunk_seed, sample_index
@@ -94,6 +94,19 @@ class FitPlan:
     excluded: list[str]  # float tensors with NaN/Inf: not forecast
     chunks: dict[str, int]  # tensor -> chunk length, of the tensors forecast
     batches: list[list[tuple[str, int]]]  # (tensor, chunk) keys, one batched problem each
+    # shrink "auto": the plan of the backtest that chooses the shrinkage (the same chunks, unshrunk, on
+    # the steps up to s_b; reduced in the same pass over the same rows), or None and why there is none
+    inner: "FitPlan | None" = None
+    why_no_inner: str = ""
+
+    @property
+    def rows(self) -> list[int]:
+        """Every stored row the fit reads: the pairs', and the inner backtest's (its forecast's rows too)."""
+        return sorted({*self.pairs.rows, *(self.inner.pairs.rows if self.inner else ())})
+
+    def problems(self) -> list["FitPlan"]:
+        """The fits each batch of chunks is reduced for: this plan's, then the inner backtest's."""
+        return [self] + ([self.inner] if self.inner else [])
 
 
 def excluded_tensors(store: RunStore, n_rows: int | None = None) -> set[str]:
@@ -120,32 +133,51 @@ def plan_fit(
             for i in range(m.plan.n_chunks)}
     keys.sort(key=size.__getitem__)
     batches = [keys[i : i + config.batch_chunks] for i in range(0, len(keys), config.batch_chunks)]
-    return FitPlan(float(rho), n_rows, list(steps), axis, [float(t) for t in times], pairs_plan, excluded,
+    plan = FitPlan(float(rho), n_rows, list(steps), axis, [float(t) for t in times], pairs_plan, excluded,
                    {m.name: m.chunk for m in metas}, batches)
+    if config.shrink != "auto":
+        return plan
+    inner, why = _backtest_plan(store, plan, replace(config, shrink=1.0))
+    if inner is not None:  # the same chunks (a tensor NaN only after s_b is not forecast: nothing to backtest)
+        inner = replace(inner, excluded=plan.excluded, chunks=plan.chunks, batches=plan.batches)
+    return replace(plan, inner=inner, why_no_inner=why)
 
 
 def reduce_keys(
     store: RunStore, plan: FitPlan, keys: list[tuple[str, int]], config: FitConfig, device: torch.device,
-    sampled: tuple[np.ndarray, int] | None = None,
-) -> Moments:
-    """The reduced fitting problems of one batch of chunk keys (the rows are read here, once).
+    sampled: Sampled | None = None,
+) -> list[Moments]:
+    """The reduced fitting problems of one batch of chunk keys, one Moments per ``plan.problems()``
+    (the rows are read here, once, for all of them).
 
-    ``sampled``: ``read_sampled``'s result covering these keys, when the caller read it already.
+    ``sampled``: ``read_sampled``'s result covering these keys and ``plan.rows``, when the caller read it.
     """
-    W, mask = sampled_values(store, keys, plan.pairs.rows, config, sampled)
-    return reduce_values(W.to(device=device, dtype=_dtype(device)), mask.to(device), plan.pairs.coefficients(),
-                         plan.pairs.cut_weights)
+    rows = plan.rows
+    W, mask = sampled_values(store, keys, rows, config, sampled)
+    return reduce_many(W.to(device=device, dtype=_dtype(device)), mask.to(device),
+                       [(p.pairs.coefficients(rows), p.pairs.cut_weights) for p in plan.problems()])
+
+
+@dataclass
+class Sampled:
+    """Rows of a store's sample array, as read: ``values`` (len(rows), columns), its column 0 being the
+    array's column ``start``."""
+
+    values: np.ndarray
+    start: int
+    rows: list[int]
 
 
 def sampled_values(store: RunStore, keys: list[tuple[str, int]], rows: list[int], config: FitConfig,
-                   sampled: tuple[np.ndarray, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   sampled: Sampled | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(W (K, R, P) float64, mask (K, P)): the sampled parameters of each chunk of ``keys`` at ``rows``,
     zero-padded to the longest; from the store's sample array where it serves the config (``sampled``:
-    ``read_sampled``'s result when the caller read it already), else from the chunks themselves."""
+    ``read_sampled``'s result when the caller read it already, covering ``rows``), else from the chunks
+    themselves."""
     if sampled is None:
         sampled = read_sampled(store, rows, config, keys)
     if sampled is not None:
-        return _gather_sampled(store, keys, sampled)
+        return _gather_sampled(store, keys, sampled, rows)
     metas = store.tensors
     values = [_chunk_values(store, rows, metas[name], i, config) for name, i in keys]
     W = torch.zeros(len(values), len(rows), max(v.shape[1] for v in values), dtype=torch.float64)
@@ -155,16 +187,19 @@ def sampled_values(store: RunStore, keys: list[tuple[str, int]], rows: list[int]
     return W, mask
 
 
-def _gather_sampled(store: RunStore, keys: list[tuple[str, int]], sampled: tuple[np.ndarray, int]):
-    """(W (K, R, P) float64, mask (K, P)) of ``keys`` from ``read_sampled``'s columns: each chunk's
-    sampled values (a contiguous span of columns), zero-padded to the longest, copied straight into
-    one array (no full-size temporaries: in a fresh process their first-touch costs as much as the copy)."""
-    values, start = sampled
+def _gather_sampled(store: RunStore, keys: list[tuple[str, int]], sampled: Sampled, rows: list[int]):
+    """(W (K, R, P) float64, mask (K, P)) of ``keys`` at ``rows`` from ``read_sampled``'s columns: each
+    chunk's sampled values (a contiguous span of columns), zero-padded to the longest, copied straight
+    into one array (no full-size temporaries: in a fresh process their first touch costs as much as
+    the copy)."""
+    at = {r: i for i, r in enumerate(sampled.rows)}
+    take = [at[r] for r in rows]
+    pick = slice(None) if take == list(range(len(sampled.rows))) else take
     spans = [store.sample_layout.spans[k] for k in keys]
     lens = [b - a for a, b in spans]
-    W = np.zeros((len(keys), values.shape[0], max(lens)), dtype=np.float64)
+    W = np.zeros((len(keys), len(rows), max(lens)), dtype=np.float64)
     for k, (a, b) in enumerate(spans):
-        W[k, :, : b - a] = values[:, a - start : b - start]
+        W[k, :, : b - a] = sampled.values[pick, a - sampled.start : b - sampled.start]
     mask = np.arange(W.shape[2])[None, :] < np.asarray(lens)[:, None]  # (K, P)
     return torch.from_numpy(W), torch.from_numpy(mask)
 
@@ -199,16 +234,17 @@ def fit_store(
     """Fit forecasters for ratio ``rho`` (on ``axis``) on the first ``n_rows`` committed steps of ``store``."""
     plan = plan_fit(store, n_rows, rho, config, axis)
     device = device or default_device()
-    return finish(store, plan, config, _reduce_all(store, plan, config, device, progress), device)
+    sampled = read_sampled(store, plan.rows, config)  # once, for every batch, the inner backtest included
+    return finish(store, plan, config, _reduce_all(store, plan, config, device, progress, sampled), device, sampled)
 
 
 def _reduce_all(store: RunStore, plan: FitPlan, config: FitConfig, device: torch.device,
-                progress: Callable[[int, int], None] | None = None) -> list[Moments]:
-    per = device_batch(device, len(plan.pairs.rows), config.sample, config.batch_chunks)
-    if per != config.batch_chunks:
+                progress: Callable[[int, int], None] | None = None,
+                sampled: Sampled | None = None) -> list[list[Moments]]:
+    per = device_batch(device, len(plan.rows), config.sample, config.batch_chunks)
+    if per != config.batch_chunks:  # the order of the chunks stays (the inner plan's follows it)
         keys = [k for batch in plan.batches for k in batch]
         plan = replace(plan, batches=[keys[i : i + per] for i in range(0, len(keys), per)])
-    sampled = read_sampled(store, plan.pairs.rows, config)
     parts = []
     for n, keys in enumerate(plan.batches):  # read and reduce batch by batch; then refine all chunks at once
         parts.append(reduce_keys(store, plan, keys, config, device, sampled))
@@ -231,39 +267,37 @@ def device_batch(device: torch.device, rows: int, sample: int, default: int) -> 
     return max(default, int(free // 4 // (rows * sample * 4 * COPIES_PER_CHUNK)))
 
 
-def finish(store: RunStore, plan: FitPlan, config: FitConfig, parts: list[Moments],
-           device: torch.device | None = None) -> Forecasters:
+def finish(store: RunStore, plan: FitPlan, config: FitConfig, parts: list[list[Moments]],
+           device: torch.device | None = None, sampled: Sampled | None = None) -> Forecasters:
     """Refine every chunk of the reduced batches at once (``solve``) and assemble the run's forecasters,
-    shrunk towards the newest weights as config.shrink says (docs/method.md, "Shrinkage").
+    shrunk towards the newest weights as config.shrink says (docs/method.md, "Shrinkage"). ``parts``:
+    ``reduce_keys``' results, one per batch; ``sampled``: the rows read for them, when the caller has them.
 
     shrink "auto": a backtest of the fit on the run's own history, on the sampled parameters: fit (the
     same config, unshrunk) on the steps up to s_b, the checkpoint from which the plan's ratio reaches
-    the newest step, forecast the newest step, and take the alpha in [0, 1] that minimises the L1
-    error (each sampled parameter weighted by its chunk's size over its sample). That fit is refined
-    in the same loop as the target's (its chunks are more rows of the batch). Too few checkpoints
-    for the backtest: alpha = 1 (no shrinkage), and the forecasters say why.
+    the newest step (``plan.inner``, reduced beside the plan's own fit), forecast the newest step, and
+    take the alpha in [0, 1] that minimises the L1 error (each sampled parameter weighted by its
+    chunk's size over its sample). That fit is refined in the same loop as the target's (its chunks
+    are more rows of the batch). Too few checkpoints for the backtest: alpha = 1 (no shrinkage), and
+    the forecasters say why.
     """
     device = device or default_device()
-    inner_config = replace(config, shrink=1.0)
-    inner, why = _backtest_plan(store, plan, inner_config) if config.shrink == "auto" else (None, "")
-    inner_parts = _reduce_all(store, inner, inner_config, device) if inner else []
-    moments = Moments.cat([p.to(device, _dtype(device)) for p in parts + inner_parts])
-    K = sum(p.G.shape[0] for p in parts)
-    ratios = _ratios(plan, device).expand(K, -1)
-    if inner:
-        ratios = torch.cat([ratios, _ratios(inner, device).expand(moments.G.shape[0] - K, -1)])
+    by_problem = [[part[i] for part in parts] for i in range(len(plan.problems()))]  # the plan's, then the inner's
+    moments = Moments.cat([m.to(device, _dtype(device)) for group in by_problem for m in group])
+    K = sum(part[0].G.shape[0] for part in parts)
+    ratios = torch.cat([_ratios(p, device).expand(K, -1) for p in plan.problems()])
     fitted = solve(moments, ratios, config)
     A, b = fitted.A.cpu().to(torch.float64), fitted.b.cpu().to(torch.float64)
     fc = assemble(plan, config, [(A[:K], b[:K])])
     if config.shrink != "auto":
         return fc.shrunk(float(config.shrink), "stated") if config.shrink != 1 else fc
+    inner = plan.inner
     if inner is None:
-        return fc.shrunk(1.0, f"none: too few checkpoints for a backtest ({why})")
-    b_row = inner.n_rows - 1
-    moved, needed, weights = _backtest_sampled(store, assemble(inner, inner_config, [(A[K:], b[K:])]), fc.keys,
-                                               b_row, plan.n_rows - 1, config)
+        return fc.shrunk(1.0, f"none: too few checkpoints for a backtest ({plan.why_no_inner})")
+    moved, needed, weights = _backtest_sampled(store, assemble(inner, replace(config, shrink=1.0), [(A[K:], b[K:])]),
+                                               fc.keys, inner.n_rows - 1, plan.n_rows - 1, config, sampled)
     return fc.shrunk(shrink_factor(moved, needed, weights),
-                     f"backtest: fitted on steps up to {plan.steps[b_row]}, forecast step {plan.steps[-1]}")
+                     f"backtest: fitted on steps up to {plan.steps[inner.n_rows - 1]}, forecast step {plan.steps[-1]}")
 
 
 def _backtest_plan(store: RunStore, plan: FitPlan, config: FitConfig) -> tuple[FitPlan | None, str]:
@@ -279,13 +313,13 @@ def _backtest_plan(store: RunStore, plan: FitPlan, config: FitConfig) -> tuple[F
 
 
 def _backtest_sampled(store: RunStore, fc: Forecasters, keys: list[tuple[str, int]], b: int, newest: int,
-                      config: FitConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      config: FitConfig, sampled: Sampled | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(forecast step, real step, weight) of every sampled parameter of ``keys`` when ``fc`` (fitted on
     rows 0..b) forecasts row ``newest`` (``forecast_rows``, as emit and the backtest do): the steps are
     from row b; the weight is chunk size / sample size."""
     app = feature_interps(fc.times or [float(s) for s in fc.steps], fc.feature_ratios)
     rows = sorted({newest, b, *(r for it in app for r in (it.lo, it.hi))})
-    W, mask = sampled_values(store, keys, rows, config)
+    W, mask = sampled_values(store, keys, rows, config, sampled)
     row_of = fc.row()
     moved, needed, weights = [], [], []
     for (name, i), values, real in zip(keys, W, mask):
@@ -298,17 +332,17 @@ def _backtest_sampled(store: RunStore, fc: Forecasters, keys: list[tuple[str, in
     return tuple(torch.cat(x).numpy() for x in (moved, needed, weights))
 
 
-def read_sampled(store: RunStore, rows: list[int], config: FitConfig, keys=None) -> tuple[np.ndarray, int] | None:
-    """(``rows`` x the span of sample-array columns that ``keys`` use (default all), the span's first
-    column), or None where the store keeps no sample for this config's size and seed."""
+def read_sampled(store: RunStore, rows: list[int], config: FitConfig, keys=None) -> Sampled | None:
+    """``rows`` x the span of sample-array columns that ``keys`` use (default all), or None where the
+    store keeps no sample for this config's size and seed."""
     layout = store.sample_layout
     if layout is None or not layout.serves(config.sample, config.seed):
         return None
     if keys is None:
-        return store.read_sample(rows), 0
+        return Sampled(store.read_sample(rows), 0, list(rows))
     spans = [layout.spans[k] for k in keys]
     lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
-    return store.read_sample(rows, lo, hi), lo
+    return Sampled(store.read_sample(rows, lo, hi), lo, list(rows))
 
 
 def _chunk_values(store: RunStore, rows: list[int], m, i: int, config: FitConfig):

@@ -259,6 +259,34 @@ def test_the_written_out_adam_is_torchs():
     assert torch.allclose(mine, P.detach(), rtol=1e-10, atol=1e-12)
 
 
+def test_problems_reduced_together_equal_each_reduced_alone():
+    """reduce_many reduces several plans (the fit's and its inner backtest's, which reads fewer, partly
+    other rows) from one V over the union of their rows, with each plan's coefficients placed on it and
+    the union's newest row as the reference: the same moments as reducing each on its own rows."""
+    from farcast_core.forecaster import reduce_many, reduce_values
+
+    W = sgd_least_squares(2, dim=50)
+    main = plan_pairs(T, 2.0, 4, 2, (0.5, 0.8), recency=2.0)  # two cuts: 13 of the 21 rows
+    inner = plan_pairs(T[:9], 2.5, 4, 8, (0.5, 0.8), recency=2.0)  # rows 0..8, ratio 2.5: interpolated targets
+    rows = sorted({*main.rows, *inner.rows})
+    assert set(inner.rows) - set(main.rows)  # the inner plan reads rows the fit's does not
+    batch = torch.zeros(2, len(rows), 50, dtype=torch.float64)
+    mask = torch.zeros(2, 50, dtype=torch.bool)
+    chunks = [W[:, :50], W[:, 10:30] * 3 + 1]
+    for k, c in enumerate(chunks):
+        batch[k, :, : c.shape[1]], mask[k, : c.shape[1]] = c[rows], True
+    together = reduce_many(batch, mask, [(p.coefficients(rows), p.cut_weights) for p in (main, inner)])
+    for plan, got in zip((main, inner), together):
+        alone_batch = torch.zeros(2, len(plan.rows), 50, dtype=torch.float64)
+        for k, c in enumerate(chunks):
+            alone_batch[k, :, : c.shape[1]] = c[plan.rows]
+        alone = reduce_values(alone_batch, mask, plan.coefficients(), plan.cut_weights)
+        for name in ("G", "P0", "Ga", "scale", "X", "Y", "Xa"):
+            assert torch.allclose(getattr(got, name), getattr(alone, name), rtol=1e-9, atol=1e-12), name
+        assert torch.allclose(got.mse0, alone.mse0, rtol=1e-6, atol=1e-12)
+        assert torch.equal(got.mask, alone.mask) and torch.equal(got.app_mask, alone.app_mask)
+
+
 def test_kappa_ignores_the_padded_rows_bit_for_bit():
     """_kappa sums over every row and counts only the masked ones: the rows outside the mask are zero
     (reduce_values zeroes padding), so it equals the masked mean |z| / rms z exactly, on a real padded
