@@ -177,11 +177,12 @@ def main() -> None:
             make(run)
         ingest_s = median([timed_ingest(run, work / name / "store") for _ in range(args.repeat)])
         os.sync()  # write ingest's dirty pages back now, so the fit's fsync of its small file does not pay for them
-        fits = [timed_fit(work / name / "store", work / name / "forecasters", target, ratio, args.device)
-                for _ in range(args.repeat)]
-        fit = sorted(fits, key=lambda f: f["total"])[len(fits) // 2]  # the median run, with its split
-        plain = sorted((timed_fit(work / name / "store", work / name / "forecasters", target, ratio, args.device,
-                                  {"shrink": 1.0}) for _ in range(args.repeat)), key=lambda f: f["total"])[len(fits) // 2]
+        def median_fit(config=None) -> dict:  # the run of median time, with its split
+            fits = [timed_fit(work / name / "store", work / name / "forecasters", target, ratio, args.device, config)
+                    for _ in range(args.repeat)]
+            return sorted(fits, key=lambda f: f["total"])[len(fits) // 2]
+
+        fit, plain = median_fit(), median_fit({"shrink": 1.0})
         sp = fit["spent"]
         print(f"{name:<8} {fit['params'] / 1e6:>8.2f}M {fit['chunks']:>6} {ingest_s:>9.2f} {fit['total']:>7.2f} "
               f"{fit['total'] / ingest_s:>9.3f}x   {sp['plan']:>6.3f} {sp['read']:>6.3f} {sp['reduce']:>6.3f} "

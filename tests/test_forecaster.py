@@ -180,6 +180,16 @@ def explicit_moments(feats, targets, app, row_weights=None):
                 scale=torch.cat([s_rel, s_wc, s_y]), X=X, Y=Y, Xa=Xa)
 
 
+def padded(chunks, rows, width=50):
+    """(batch (K, len(rows), width), mask (K, width)): each (T, P_k) chunk's ``rows``, zero-padded to
+    ``width`` as the fit pads the chunks of a batch."""
+    batch = torch.zeros(len(chunks), len(rows), width, dtype=torch.float64)
+    mask = torch.zeros(len(chunks), width, dtype=torch.bool)
+    for k, c in enumerate(chunks):
+        batch[k, :, : c.shape[1]], mask[k, : c.shape[1]] = c[rows], True
+    return batch, mask
+
+
 @pytest.mark.parametrize("extra,recency", [((), 0.0), ((0.5, 0.8), 0.0), ((0.5, 0.8), 2.0)])
 def test_moments_from_values_equal_those_of_the_explicit_pairs(extra, recency):
     """reduce_values never forms the calibration pairs; it must give what forming them gives, for
@@ -194,10 +204,7 @@ def test_moments_from_values_equal_those_of_the_explicit_pairs(extra, recency):
     assert np.allclose(plan.cut_weights, tc**recency / np.mean(tc**recency)) and np.mean(plan.cut_weights) == pytest.approx(1)
     rows = list(range(len(T)))
     chunks = [W[:, :50], W[:, 10:30] * 3 + 1]
-    batch = torch.zeros(2, len(plan.rows), 50, dtype=torch.float64)
-    mask = torch.zeros(2, 50, dtype=torch.bool)
-    for k, c in enumerate(chunks):
-        batch[k, :, : c.shape[1]], mask[k, : c.shape[1]] = c[plan.rows], True
+    batch, mask = padded(chunks, plan.rows)
     M = reduce_values(batch, mask, plan.coefficients(), plan.cut_weights)
     for k, c in enumerate(chunks):
         per_row = torch.tensor(plan.cut_weights, dtype=torch.float64).repeat_interleave(c.shape[1])  # pairs are cut-major
@@ -270,17 +277,11 @@ def test_problems_reduced_together_equal_each_reduced_alone():
     inner = plan_pairs(T[:9], 2.5, 4, 8, (0.5, 0.8), recency=2.0)  # rows 0..8, ratio 2.5: interpolated targets
     rows = sorted({*main.rows, *inner.rows})
     assert set(inner.rows) - set(main.rows)  # the inner plan reads rows the fit's does not
-    batch = torch.zeros(2, len(rows), 50, dtype=torch.float64)
-    mask = torch.zeros(2, 50, dtype=torch.bool)
     chunks = [W[:, :50], W[:, 10:30] * 3 + 1]
-    for k, c in enumerate(chunks):
-        batch[k, :, : c.shape[1]], mask[k, : c.shape[1]] = c[rows], True
+    batch, mask = padded(chunks, rows)
     together = reduce_many(batch, mask, [(p.coefficients(rows), p.cut_weights) for p in (main, inner)])
     for plan, got in zip((main, inner), together):
-        alone_batch = torch.zeros(2, len(plan.rows), 50, dtype=torch.float64)
-        for k, c in enumerate(chunks):
-            alone_batch[k, :, : c.shape[1]] = c[plan.rows]
-        alone = reduce_values(alone_batch, mask, plan.coefficients(), plan.cut_weights)
+        alone = reduce_values(padded(chunks, plan.rows)[0], mask, plan.coefficients(), plan.cut_weights)
         for name in ("G", "P0", "Ga", "scale", "X", "Y", "Xa"):
             assert torch.allclose(getattr(got, name), getattr(alone, name), rtol=1e-9, atol=1e-12), name
         assert torch.allclose(got.mse0, alone.mse0, rtol=1e-6, atol=1e-12)
@@ -295,10 +296,7 @@ def test_kappa_ignores_the_padded_rows_bit_for_bit():
 
     W = sgd_least_squares(1, dim=50)
     plan = plan_pairs(T, 2.0, 4, 8, (0.5, 0.8))
-    batch = torch.zeros(2, len(plan.rows), 50, dtype=torch.float64)
-    mask = torch.zeros(2, 50, dtype=torch.bool)
-    for k, c in enumerate([W[:, :50], W[:, 10:30] * 3 + 1]):
-        batch[k, :, : c.shape[1]], mask[k, : c.shape[1]] = c[plan.rows], True
+    batch, mask = padded([W[:, :50], W[:, 10:30] * 3 + 1], plan.rows)
     M = reduce_values(batch, mask, plan.coefficients(), plan.cut_weights)
     for z, m in ((M.X @ M.P0 - M.Y, M.mask), (M.Xa @ _steps(M.P0), M.app_mask)):
         assert not m.all() and (z[~m] == 0).all()
