@@ -11,6 +11,7 @@ cost does not grow with the rows sampled.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 
@@ -176,8 +177,8 @@ def _moments(V: torch.Tensor, S: torch.Tensor, sizes: list[int], coefs, cut_weig
     mse0 = ((G @ P0) * P0).sum(-2) - 2 * (H * P0).sum(-2) + YY.diagonal(dim1=-2, dim2=-1)
     Ta = design(Ap[:-1] - Ap[-1:], Ap[-1])  # (K, D, R+2)
     Ga = Ta @ S @ Ta.transpose(-1, -2)
-    Xs = (T @ Vs.unsqueeze(1)).transpose(-1, -2).reshape(K, -1, D)  # (K, C * Ps, D), cut-major
-    Ys = (U @ Vs.unsqueeze(1)).transpose(-1, -2).reshape(K, -1, m)
+    XYs = (Z @ Vs.unsqueeze(1)).transpose(-1, -2).reshape(K, -1, D + m)  # (K, C * Ps, D + m), cut-major
+    Xs, Ys = XYs[..., :D], XYs[..., D:]
     ms = in_s.repeat(1, C)
     Xas = (Ta @ Va).transpose(-1, -2)
     return Moments(G, P0, mse0.clamp_min(0), Ga, torch.cat([s_rel, s_wc, s_y], -1), Xs, Ys, ms, Xas, Va[:, -1] > 0)
@@ -195,15 +196,17 @@ def _every(V: torch.Tensor, sizes: list[int], steps: list[int]) -> torch.Tensor:
     return out * keep.unsqueeze(1).to(V.dtype)
 
 
-def _kappa(z: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+def _kappa(z, mask) -> np.ndarray:
     """mean |z| / rms z over dim -2 where mask (K, r) holds: (K, r, m) -> (K, m) float64 numpy; 1 where
-    z is all zero. In torch, on the rows' device: these are the only passes over rows in the loop.
-    The rows outside the mask are zero (their values are zeroed in ``reduce_values``), so they add
-    nothing to the sums; the mask only counts the rows."""
-    n = mask.sum(-1, keepdim=True).to(z.dtype).clamp_min(1)  # (K, 1)
-    mean_abs, rms = z.abs().sum(-2) / n, ((z * z).sum(-2) / n).sqrt()
-    k = torch.where(rms > 0, mean_abs / rms.clamp_min(torch.finfo(z.dtype).tiny), torch.ones_like(rms))
-    return k.to("cpu", torch.float64).numpy()
+    z is all zero. numpy arrays or tensors on the rows' device (these are the only passes over rows in
+    the loop). The rows outside the mask are zero (their values are zeroed in ``reduce_values``), so
+    they add nothing to the sums; the mask only counts the rows."""
+    n = mask.sum(-1)[..., None]  # (K, 1)
+    n = n + (n == 0)
+    mean_abs, rms = abs(z).sum(-2) / n, ((z * z).sum(-2) / n) ** 0.5
+    zero = rms == 0
+    k = mean_abs / (rms + zero) + zero
+    return k.to("cpu", torch.float64).numpy() if isinstance(k, torch.Tensor) else k.astype(np.float64)
 
 
 def _steps(P):
@@ -217,6 +220,15 @@ TINY = np.finfo(np.float64).tiny
 ACC_TOL = 1e-5  # relative speed-up below which the regulariser sees no acceleration
 
 
+@functools.lru_cache(maxsize=None)
+def _differences(m: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Delta (m, m), B (m-1, m)) for m horizons: the forecast's steps are D = P @ Delta (``_steps``), the
+    accelerations v @ B.T (v_j - v_{j-1}); as matrices, so that ``objective`` runs fewer, larger
+    operations (the subtractions are exact either way: the other entries are 0)."""
+    delta = np.eye(m) - np.eye(m, k=1)
+    return delta, (np.eye(m, k=1) - np.eye(m))[:-1]
+
+
 def objective(P: np.ndarray, M: dict, kappa: np.ndarray, kappa_a: np.ndarray, dt: np.ndarray, lam: float):
     """(loss (K,), gradient (K, D, m)) of the reduced objective
 
@@ -225,30 +237,34 @@ def objective(P: np.ndarray, M: dict, kappa: np.ndarray, kappa_a: np.ndarray, dt
     the L1 + lambda L_grad of the method page with each mean |.| written as kappa x root mean square.
     M: the Moments' G, P0, mse0, Ga as float64 numpy arrays. The gradient is written out
     (tests/test_forecaster.py checks it against autograd), in numpy: the loop runs on (K, 5, 4)
-    arrays, where torch's per-operation overhead and autograd's bookkeeping cost more than the arithmetic.
+    arrays, where torch's per-operation overhead and autograd's bookkeeping cost more than the
+    arithmetic, and so does numpy's (a few microseconds per operation): the fewer operations, the better.
     """
     E = P - M["P0"]
     GE = M["G"] @ E
-    rms = np.sqrt(np.maximum(np.maximum((GE * E).sum(-2), 0) + M["mse0"], TINY))  # (K, m)
-    grad = GE * (kappa / rms)[..., None, :]
+    q = (GE * E).sum(-2)  # (K, m)
+    np.maximum(q, 0, out=q)
+    q += M["mse0"]
+    rms = np.sqrt(np.maximum(q, TINY, out=q), out=q)
     loss = (kappa * rms).sum(-1)
+    grad = GE * (kappa / rms)[..., None, :]
     if lam == 0:
         return loss, grad
-    D = _steps(P)
+    delta, B = _differences(P.shape[-1])
+    D = P @ delta
     GD = M["Ga"] @ D
-    u = np.sqrt(np.maximum((GD * D).sum(-2), TINY))  # (K, m)
-    v = kappa_a * u / dt
+    u = (GD * D).sum(-2)
+    u = np.sqrt(np.maximum(u, TINY, out=u), out=u)  # (K, m)
+    ka = kappa_a / dt
+    v = ka * u
     # speeds equal to 1e-5 are not an acceleration: float32 weights on an exactly straight path
     # give speeds that differ by ~1e-7 through rounding alone, and Adam, which normalises the size
     # of its steps, would turn that rounding-level gradient into full steps away from an exact fit
-    acc = v[..., 1:] - v[..., :-1]
-    acc = np.where(acc > ACC_TOL * v.max(-1, keepdims=True), acc, 0.0)
-    loss = loss + lam * acc.sum(-1)
-    a = (acc > 0).astype(P.dtype)
-    zero = np.zeros_like(a[..., :1])
-    dv = np.concatenate([zero, a], -1) - np.concatenate([a, zero], -1)  # d relu-sum / d v_j
-    gD = GD * (lam * dv * kappa_a / (u * dt))[..., None, :]
-    grad = grad + gD - np.concatenate([gD[..., 1:], np.zeros_like(gD[..., :1])], -1)
+    acc = v @ B.T
+    accelerating = acc > ACC_TOL * v.max(-1, keepdims=True)
+    loss += lam * (acc * accelerating).sum(-1)
+    dv = accelerating.astype(P.dtype) @ B  # d relu-sum / d v_j
+    grad += (GD * (lam * dv * ka / u)[..., None, :]) @ delta.T
     return loss, grad
 
 
@@ -280,26 +296,25 @@ class AdamState:
 REFRESH = 2
 
 
-def solve(M: Moments, ratios: torch.Tensor, config: FitConfig) -> BatchFit:
-    """Refine every chunk's least-squares start on the reduced objective with Adam (cosine-decayed
-    rate, torch.optim.Adam's update written out), keeping each chunk's best iterate. ``ratios``: the
-    horizons, (m,) for every chunk or (K, m), one row per chunk, so that fits for different targets
-    share the loop.
+def _kappa_rows(M: Moments) -> tuple:
+    """The rows kappa is measured on: (X, Y, mask, Xa, app_mask), as numpy arrays on the CPU (a few
+    microseconds per operation, where torch's cost tens), else tensors on their device."""
+    rows = (M.X, M.Y, M.mask, M.Xa, M.app_mask)
+    return tuple(t.numpy() for t in rows) if M.X.device.type == "cpu" else rows
 
-    Runs in float64 numpy on the CPU whatever device reduced the rows: the moments are a few
-    numbers per chunk, so they move once and the loop pays no per-operation device overhead.
-    """
-    cpu = {k: getattr(M, k).detach().to("cpu", torch.float64).numpy() for k in ("G", "P0", "mse0", "Ga")}
-    P = cpu["P0"].copy()
-    r = np.asarray(ratios.cpu(), dtype=np.float64)  # (m,) shared, or (K, m): each chunk's own horizons
-    t = np.concatenate([np.ones(r.shape[:-1] + (1,)), r], -1)  # ratio 1 is w_c
-    dt = t[..., 1:] - t[..., :-1]
 
-    def kappas(P):
-        Pt = torch.from_numpy(P).to(M.X.device, M.X.dtype)
-        return _kappa(M.X @ Pt - M.Y, M.mask), _kappa(M.Xa @ _steps(Pt), M.app_mask)
+def _kappas(rows: tuple, P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """kappa of the calibration residuals and of the forecast's steps at coefficients P (``_kappa``)."""
+    X, Y, mask, Xa, app_mask = rows
+    Pt = P.astype(X.dtype, copy=False) if isinstance(X, np.ndarray) else torch.from_numpy(P).to(X.device, X.dtype)
+    return _kappa(X @ Pt - Y, mask), _kappa(Xa @ _steps(Pt), app_mask)
 
-    kappa, kappa_a = kappas(P)
+
+def _refine(rows: tuple, cpu: dict, P: np.ndarray, kappas: tuple[np.ndarray, np.ndarray], dt: np.ndarray,
+            config: FitConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``solve``'s Adam loop from P: (best iterate, its loss) per chunk. rows: the chunks' kappa rows
+    (``_kappa_rows``); cpu: their G, P0, mse0, Ga; ``kappas``: measured at P."""
+    kappa, kappa_a = kappas
     best, best_loss = P.copy(), np.full(P.shape[:1], np.inf)
     adam, T = AdamState.like(P), config.iters
     every = T // (REFRESH + 1) if T > REFRESH else 0
@@ -309,7 +324,7 @@ def solve(M: Moments, ratios: torch.Tensor, config: FitConfig) -> BatchFit:
             # faithful near where kappa was measured, so the best iterate is chosen among those
             # since (keeping earlier ones, least squares included, measured the same or up to
             # 0.014 worse on the rows of bench/forecast_quality.py)
-            kappa, kappa_a = kappas(P)
+            kappa, kappa_a = _kappas(rows, P)
             best_loss[:] = np.inf
         loss, g = objective(P, cpu, kappa, kappa_a, dt, config.lam)
         better = loss < best_loss
@@ -317,6 +332,36 @@ def solve(M: Moments, ratios: torch.Tensor, config: FitConfig) -> BatchFit:
         if it == T:
             break
         P = adam.step(P, g, cosine_lr(config.lr, it, T), it)
+    return best, best_loss
+
+
+def solve(M: Moments, ratios: torch.Tensor, config: FitConfig) -> BatchFit:
+    """Refine every chunk's least-squares start on the reduced objective with Adam (cosine-decayed
+    rate, torch.optim.Adam's update written out), keeping each chunk's best iterate. ``ratios``: the
+    horizons, (m,) for every chunk or (K, m), one row per chunk, so that fits for different targets
+    share the loop.
+
+    Runs in float64 numpy on the CPU whatever device reduced the rows: the moments are a few
+    numbers per chunk, so they move once and the loop pays no per-operation device overhead.
+    The least-squares start minimises the L1 term (each horizon's rms is smallest there), so a chunk
+    whose start does not accelerate has a zero gradient: Adam would never move it, and it is its own
+    best iterate. Only the other chunks enter the loop (the same iterates as a loop over all of them).
+    """
+    cpu = {k: getattr(M, k).detach().to("cpu", torch.float64).numpy() for k in ("G", "P0", "mse0", "Ga")}
+    P = cpu["P0"].copy()
+    r = np.asarray(ratios.cpu(), dtype=np.float64)  # (m,) shared, or (K, m): each chunk's own horizons
+    t = np.concatenate([np.ones(r.shape[:-1] + (1,)), r], -1)  # ratio 1 is w_c
+    dt = t[..., 1:] - t[..., :-1]
+    rows = _kappa_rows(M)
+    kappa, kappa_a = _kappas(rows, P)
+    best_loss, g = objective(P, cpu, kappa, kappa_a, dt, config.lam)
+    moving = np.flatnonzero((g != 0).any((-2, -1)))
+    if moving.size and config.iters:
+        sub = moving if isinstance(rows[0], np.ndarray) else torch.from_numpy(moving).to(M.X.device)
+        P[moving], best_loss[moving] = _refine([t[sub] for t in rows], {k: v[moving] for k, v in cpu.items()}, P[moving],
+                                               (kappa[moving], kappa_a[moving]), dt[moving] if dt.ndim > 1 else dt,
+                                               config)
+    best = P
     sc = M.scale.detach().to("cpu", torch.float64)
     s_rel, s_wc, s_y = sc[..., :-2], sc[..., -2:-1], sc[..., -1:]
     Pw = torch.from_numpy(best) * s_y.unsqueeze(-2)  # residual per unit feature, in weight units

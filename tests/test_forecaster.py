@@ -246,6 +246,35 @@ def test_the_written_out_gradient_is_autograds():
     assert accelerating > 0  # the regulariser's gradient was exercised
 
 
+def test_solve_refines_only_the_chunks_that_move_and_equals_the_loop_over_all():
+    """A chunk whose least-squares start does not accelerate has a zero gradient there, so solve leaves
+    it out of the Adam loop: on a batch with both kinds (SGD and exponential-decay chunks that do not
+    move, an accelerating one and a rescaled SGD chunk that do), the same result as the loop over all."""
+    from farcast_core import forecaster as F
+
+    W = sgd_least_squares(0, dim=50)
+    g = torch.Generator().manual_seed(0)
+    accelerating = torch.stack([W[0] + (W[-1] - W[0]) * (t / 200) ** 2 for t in T])
+    accelerating += 0.01 * torch.randn(accelerating.shape, generator=g, dtype=torch.float64)
+    plan = plan_pairs(T, 2.0, 4, 8, (0.5, 0.8))
+    batch, mask = padded([W[:, :50], exp_decay(1.0, 50), W[:, 10:30] * 3 + 1, accelerating], plan.rows)
+    M = F.reduce_values(batch, mask, plan.coefficients(), plan.cut_weights)
+    cpu = {k: getattr(M, k).numpy() for k in ("G", "P0", "mse0", "Ga")}
+    dt = np.diff(np.concatenate([[1.0], plan.ratios]))
+    rows = F._kappa_rows(M)
+    kappas = F._kappas(rows, cpu["P0"])
+    config = FitConfig(iters=60)
+    moving = (F.objective(cpu["P0"].copy(), cpu, *kappas, dt, config.lam)[1] != 0).any((-2, -1))
+    assert moving.tolist() == [False, False, True, True]
+    best, loss = F._refine(rows, cpu, cpu["P0"].copy(), kappas, dt, config)  # every chunk in the loop
+    assert np.array_equal(best[~moving], cpu["P0"][~moving])  # Adam never moved them
+    fit = F.solve(M, torch.tensor(plan.ratios, dtype=torch.float64), config)
+    assert np.allclose(fit.loss.numpy(), loss, rtol=1e-12)  # the same best iterates
+    ref = F.solve(M, torch.tensor(plan.ratios, dtype=torch.float64), FitConfig(iters=0))  # the starts
+    assert not torch.allclose(fit.A[2:], ref.A[2:])  # the moving chunks were refined
+    assert torch.allclose(fit.A[:2], ref.A[:2], rtol=0, atol=0)
+
+
 def test_the_written_out_adam_is_torchs():
     """solve's update is torch.optim.Adam's with a cosine-annealed rate, on the same gradients."""
     from farcast_core import forecaster as fc
@@ -291,7 +320,7 @@ def test_problems_reduced_together_equal_each_reduced_alone():
 def test_kappa_ignores_the_padded_rows_bit_for_bit():
     """_kappa sums over every row and counts only the masked ones: the rows outside the mask are zero
     (reduce_values zeroes padding), so it equals the masked mean |z| / rms z exactly, on a real padded
-    batch and the residuals of its least-squares start."""
+    batch and the residuals of its least-squares start; on tensors and on numpy arrays alike."""
     from farcast_core.forecaster import _kappa, _steps, reduce_values
 
     W = sgd_least_squares(1, dim=50)
@@ -304,6 +333,8 @@ def test_kappa_ignores_the_padded_rows_bit_for_bit():
         n = w.sum(-2).clamp_min(1)
         masked = ((z.abs() * w).sum(-2) / n) / ((z * z * w).sum(-2) / n).sqrt()
         assert np.array_equal(_kappa(z, m), masked.numpy())
+        # the same function on numpy arrays (the solve's CPU path): the same up to summation order
+        assert np.allclose(_kappa(z.numpy(), m.numpy()), masked.numpy(), rtol=1e-14, atol=0)
 
 
 # ---------------------------------------------------------------- shrinkage towards the newest weights
