@@ -209,11 +209,17 @@ def _kappa(z, mask) -> np.ndarray:
     return k.to("cpu", torch.float64).numpy() if isinstance(k, torch.Tensor) else k.astype(np.float64)
 
 
+def _colsum(x):
+    """x summed over dim -2 (numpy sums a middle axis ~7x slower than this product with ones)."""
+    return np.ones(x.shape[-2], x.dtype) @ x if isinstance(x, np.ndarray) else x.sum(-2)
+
+
 def _steps(P):
-    """The forecast's steps between horizon points, D_j = P_j - P_{j-1} with P_0 = 0: (K, D, m)."""
+    """The forecast's steps between horizon points, D_j = P_j - P_{j-1} with P_0 = 0: (K, D, m); for numpy
+    arrays one product with ``_differences``' matrix (fewer operations in ``objective``'s loop)."""
     if isinstance(P, torch.Tensor):
         return torch.cat([P[..., :1], P[..., 1:] - P[..., :-1]], -1)
-    return np.concatenate([P[..., :1], P[..., 1:] - P[..., :-1]], -1)
+    return _times(P, _differences(P.shape[-1])[0])
 
 
 TINY = np.finfo(np.float64).tiny
@@ -224,9 +230,10 @@ ACC_TOL = 1e-5  # relative speed-up below which the regulariser sees no accelera
 def _differences(m: int) -> tuple[np.ndarray, np.ndarray]:
     """(Delta (m, m), B (m-1, m)) for m horizons: the forecast's steps are D = P @ Delta (``_steps``), the
     accelerations v @ B.T (v_j - v_{j-1}); as matrices, so that ``objective`` runs fewer, larger
-    operations (the subtractions are exact either way: the other entries are 0)."""
-    delta = np.eye(m) - np.eye(m, k=1)
-    return delta, (np.eye(m, k=1) - np.eye(m))[:-1]
+    operations (the subtractions are exact either way: the other entries are 0). Read-only: cached."""
+    delta, B = np.eye(m) - np.eye(m, k=1), (np.eye(m, k=1) - np.eye(m))[:-1]
+    delta.flags.writeable = B.flags.writeable = False
+    return delta, B
 
 
 def objective(P: np.ndarray, M: dict, kappa: np.ndarray, kappa_a: np.ndarray, dt: np.ndarray, lam: float):
@@ -251,7 +258,7 @@ def objective(P: np.ndarray, M: dict, kappa: np.ndarray, kappa_a: np.ndarray, dt
     if lam == 0:
         return loss, grad
     delta, B = _differences(P.shape[-1])
-    D = _times(P, delta)
+    D = _steps(P)
     GD = M["Ga"] @ D
     u = (GD * D).sum(-2)
     u = np.sqrt(np.maximum(u, TINY, out=u), out=u)  # (K, m)
@@ -299,11 +306,6 @@ class AdamState:
 # kappa is re-measured this many times during the refinement (evenly spaced); measured on
 # bench/forecast_quality.py: 2, 4 and 9 gave the same figures, none at all was worse.
 REFRESH = 2
-
-
-def _colsum(x):
-    """x summed over dim -2 (numpy sums a middle axis ~7x slower than this product with ones)."""
-    return np.ones(x.shape[-2], x.dtype) @ x if isinstance(x, np.ndarray) else x.sum(-2)
 
 
 def _kappa_rows(M: Moments) -> tuple:
@@ -365,16 +367,15 @@ def solve(M: Moments, ratios: torch.Tensor, config: FitConfig) -> BatchFit:
     rows = _kappa_rows(M)
     kappa, kappa_a = _kappas(rows, P)
     best_loss, g = objective(P, cpu, kappa, kappa_a, dt, config.lam)
-    moving = np.flatnonzero((g != 0).any((-2, -1)))
+    moving = np.flatnonzero((g != 0).any((-2, -1)))  # the others are their own best iterate: P0
     if moving.size and config.iters:
         sub = moving if isinstance(rows[0], np.ndarray) else torch.from_numpy(moving).to(M.X.device)
         P[moving], best_loss[moving] = _refine([t[sub] for t in rows], {k: v[moving] for k, v in cpu.items()}, P[moving],
                                                (kappa[moving], kappa_a[moving]), dt[moving] if dt.ndim > 1 else dt,
                                                config)
-    best = P
     sc = M.scale.detach().to("cpu", torch.float64)
     s_rel, s_wc, s_y = sc[..., :-2], sc[..., -2:-1], sc[..., -1:]
-    Pw = torch.from_numpy(best) * s_y.unsqueeze(-2)  # residual per unit feature, in weight units
+    Pw = torch.from_numpy(P) * s_y.unsqueeze(-2)  # residual per unit feature, in weight units
     c_rel = Pw[..., :-2, :] / s_rel.unsqueeze(-1)  # (K, F-1, m) coefficients on (f_k - w_c)
     c_wc = Pw[..., -2:-1, :] / s_wc.unsqueeze(-1)  # (K, 1, m)
     A = torch.cat([c_rel, 1.0 - c_rel.sum(-2, keepdim=True) + c_wc], -2)  # (K, F, m)
