@@ -51,8 +51,10 @@ class BatchFit:
 
 
 # Rows of each chunk kept after the reduction, to re-measure the shape of the residuals (kappa)
-# during the refinement; the second moments themselves use every row.
-KAPPA_ROWS = 1024
+# during the refinement; the second moments themselves use every row. bench/forecast_quality.py
+# (3 seeds): 512 gives the 1024 rows' figures within 0.004 at a third less fitting time; 256 cost
+# digits ratio 2 up to 0.011.
+KAPPA_ROWS = 512
 
 
 @dataclass
@@ -185,25 +187,34 @@ def _moments(V: torch.Tensor, S: torch.Tensor, sizes: list[int], coefs, cut_weig
 
 
 def _every(V: torch.Tensor, sizes: list[int], steps: list[int]) -> torch.Tensor:
-    """Columns 0, q, 2q, ... of each V[k] (its first sizes[k] columns, q = steps[k]), zero-padded."""
+    """Columns 0, q, 2q, ... of each V[k] (its first sizes[k] columns, q = steps[k]), zero-padded.
+    As strided slices of runs of alike chunks (plan_fit sorts a batch by size, so there are few):
+    a gather with a (K, rows, width) index cost 4-5x as much."""
     counts = [-(-n // q) for n, q in zip(sizes, steps)]
-    width = max(1, max(counts))
-    q = torch.tensor(steps, device=V.device).unsqueeze(-1)
-    idx = torch.arange(width, device=V.device).unsqueeze(0) * q  # (K, width)
-    keep = idx < torch.tensor(sizes, device=V.device).unsqueeze(-1)
-    idx = idx.clamp(max=V.shape[-1] - 1)
-    out = torch.gather(V, 2, idx.unsqueeze(1).expand(V.shape[0], V.shape[1], width))
-    return out * keep.unsqueeze(1).to(V.dtype)
+    out = V.new_zeros(V.shape[0], V.shape[1], max(1, max(counts)))
+    k = 0
+    while k < len(sizes):
+        e = k + 1
+        while e < len(sizes) and (sizes[e], steps[e]) == (sizes[k], steps[k]):
+            e += 1
+        out[k:e, :, : counts[k]] = V[k:e, :, : sizes[k] : steps[k]]
+        k = e
+    return out
 
 
-def _kappa(z, mask) -> np.ndarray:
+def _kappa(z, mask, work=None) -> np.ndarray:
     """mean |z| / rms z over dim -2 where mask (K, r) holds: (K, r, m) -> (K, m) float64 numpy; 1 where
     z is all zero. numpy arrays or tensors on the rows' device (these are the only passes over rows in
-    the loop). The rows outside the mask are zero (their values are zeroed in ``reduce_values``), so
-    they add nothing to the sums; the mask only counts the rows."""
+    the loop); ``work``: a numpy array of z's shape to hold |z| and z^2 (else temporaries). The rows
+    outside the mask are zero (their values are zeroed in ``reduce_values``), so they add nothing to
+    the sums; the mask only counts the rows."""
     n = mask.sum(-1)[..., None]  # (K, 1)
     n = n + (n == 0)
-    mean_abs, rms = _colsum(abs(z)) / n, (_colsum(z * z) / n) ** 0.5
+    if work is None:
+        mean_abs, rms = _colsum(abs(z)) / n, (_colsum(z * z) / n) ** 0.5
+    else:
+        mean_abs = _colsum(np.abs(z, out=work)) / n
+        rms = (_colsum(np.multiply(z, z, out=work)) / n) ** 0.5
     zero = rms == 0
     k = mean_abs / (rms + zero) + zero
     return k.to("cpu", torch.float64).numpy() if isinstance(k, torch.Tensor) else k.astype(np.float64)
@@ -249,7 +260,7 @@ def objective(P: np.ndarray, M: dict, kappa: np.ndarray, kappa_a: np.ndarray, dt
     """
     E = P - M["P0"]
     GE = M["G"] @ E
-    q = (GE * E).sum(-2)  # (K, m)
+    q = np.einsum("kdm,kdm->km", GE, E)  # (K, m) (twice as fast as a sum over the middle axis)
     np.maximum(q, 0, out=q)
     q += M["mse0"]
     rms = np.sqrt(np.maximum(q, TINY, out=q), out=q)
@@ -260,7 +271,7 @@ def objective(P: np.ndarray, M: dict, kappa: np.ndarray, kappa_a: np.ndarray, dt
     delta, B = _differences(P.shape[-1])
     D = _steps(P)
     GD = M["Ga"] @ D
-    u = (GD * D).sum(-2)
+    u = np.einsum("kdm,kdm->km", GD, D)
     u = np.sqrt(np.maximum(u, TINY, out=u), out=u)  # (K, m)
     ka = kappa_a / dt
     v = ka * u
@@ -308,24 +319,50 @@ class AdamState:
 REFRESH = 2
 
 
-def _kappa_rows(M: Moments) -> tuple:
-    """The rows kappa is measured on: (X, Y, mask, Xa, app_mask), as numpy arrays on the CPU (a few
-    microseconds per operation, where torch's cost tens), else tensors on their device."""
-    rows = (M.X, M.Y, M.mask, M.Xa, M.app_mask)
-    return tuple(t.numpy() for t in rows) if M.X.device.type == "cpu" else rows
+class KappaRows:
+    """The rows kappa is measured on (``Moments``' X, Y, mask, Xa, app_mask) and the measurement:
+    numpy arrays on the CPU (a few microseconds per operation, where torch's cost tens), else tensors
+    on their device. On the CPU the residuals go into scratch arrays made once per solve: each fresh
+    temporary of this size costs its page faults again, more than the arithmetic on it."""
+
+    def __init__(self, X, Y, mask, Xa, app_mask):
+        self.X, self.Y, self.mask, self.Xa, self.app_mask = X, Y, mask, Xa, app_mask
+        self.cpu, self._scratch = isinstance(X, np.ndarray), None
+
+    @classmethod
+    def of(cls, M: Moments) -> "KappaRows":
+        rows = (M.X, M.Y, M.mask, M.Xa, M.app_mask)
+        return cls(*(t.numpy() for t in rows) if M.X.device.type == "cpu" else rows)
+
+    def take(self, chunks: np.ndarray) -> "KappaRows":
+        """The rows of these chunks only."""
+        idx = chunks if self.cpu else torch.from_numpy(chunks).to(self.X.device)
+        return KappaRows(*(t[idx] for t in (self.X, self.Y, self.mask, self.Xa, self.app_mask)))
+
+    def measure(self, P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """kappa of the calibration residuals and of the forecast's steps at coefficients P (``_kappa``)."""
+        if not self.cpu:
+            Pt = torch.from_numpy(P).to(self.X.device, self.X.dtype)
+            return _kappa(self.X @ Pt - self.Y, self.mask), _kappa(self.Xa @ _steps(Pt), self.app_mask)
+        P = P.astype(self.X.dtype, copy=False)
+        if self._scratch is None:  # one residual and one work array, long enough for either set of rows
+            n = self.X.shape[0] * max(self.X.shape[1], self.Xa.shape[1]) * P.shape[-1]
+            self._scratch = np.empty(n, self.X.dtype), np.empty(n, self.X.dtype)
+        out = []
+        for X, mask, Q in ((self.X, self.mask, P), (self.Xa, self.app_mask, _steps(P))):
+            z, work = (a[: X.shape[0] * X.shape[1] * Q.shape[-1]].reshape(X.shape[0], X.shape[1], Q.shape[-1])
+                       for a in self._scratch)
+            np.matmul(X, Q, out=z)
+            if X is self.X:
+                z -= self.Y
+            out.append(_kappa(z, mask, work))
+        return tuple(out)
 
 
-def _kappas(rows: tuple, P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """kappa of the calibration residuals and of the forecast's steps at coefficients P (``_kappa``)."""
-    X, Y, mask, Xa, app_mask = rows
-    Pt = P.astype(X.dtype, copy=False) if isinstance(X, np.ndarray) else torch.from_numpy(P).to(X.device, X.dtype)
-    return _kappa(X @ Pt - Y, mask), _kappa(Xa @ _steps(Pt), app_mask)
-
-
-def _refine(rows: tuple, cpu: dict, P: np.ndarray, kappas: tuple[np.ndarray, np.ndarray], dt: np.ndarray,
+def _refine(rows: KappaRows, cpu: dict, P: np.ndarray, kappas: tuple[np.ndarray, np.ndarray], dt: np.ndarray,
             config: FitConfig) -> tuple[np.ndarray, np.ndarray]:
-    """``solve``'s Adam loop from P: (best iterate, its loss) per chunk. rows: the chunks' kappa rows
-    (``_kappa_rows``); cpu: their G, P0, mse0, Ga; ``kappas``: measured at P."""
+    """``solve``'s Adam loop from P: (best iterate, its loss) per chunk. rows: the chunks' kappa rows;
+    cpu: their G, P0, mse0, Ga; ``kappas``: measured at P."""
     kappa, kappa_a = kappas
     best, best_loss = P.copy(), np.full(P.shape[:1], np.inf)
     adam, T = AdamState.like(P), config.iters
@@ -336,7 +373,7 @@ def _refine(rows: tuple, cpu: dict, P: np.ndarray, kappas: tuple[np.ndarray, np.
             # faithful near where kappa was measured, so the best iterate is chosen among those
             # since (keeping earlier ones, least squares included, measured the same or up to
             # 0.014 worse on the rows of bench/forecast_quality.py)
-            kappa, kappa_a = _kappas(rows, P)
+            kappa, kappa_a = rows.measure(P)
             best_loss[:] = np.inf
         loss, g = objective(P, cpu, kappa, kappa_a, dt, config.lam)
         better = loss < best_loss
@@ -364,13 +401,12 @@ def solve(M: Moments, ratios: torch.Tensor, config: FitConfig) -> BatchFit:
     r = np.asarray(ratios.cpu(), dtype=np.float64)  # (m,) shared, or (K, m): each chunk's own horizons
     t = np.concatenate([np.ones(r.shape[:-1] + (1,)), r], -1)  # ratio 1 is w_c
     dt = t[..., 1:] - t[..., :-1]
-    rows = _kappa_rows(M)
-    kappa, kappa_a = _kappas(rows, P)
+    rows = KappaRows.of(M)
+    kappa, kappa_a = rows.measure(P)
     best_loss, g = objective(P, cpu, kappa, kappa_a, dt, config.lam)
     moving = np.flatnonzero((g != 0).any((-2, -1)))  # the others are their own best iterate: P0
     if moving.size and config.iters:
-        sub = moving if isinstance(rows[0], np.ndarray) else torch.from_numpy(moving).to(M.X.device)
-        P[moving], best_loss[moving] = _refine([t[sub] for t in rows], {k: v[moving] for k, v in cpu.items()}, P[moving],
+        P[moving], best_loss[moving] = _refine(rows.take(moving), {k: v[moving] for k, v in cpu.items()}, P[moving],
                                                (kappa[moving], kappa_a[moving]), dt[moving] if dt.ndim > 1 else dt,
                                                config)
     sc = M.scale.detach().to("cpu", torch.float64)
@@ -403,11 +439,12 @@ def forecast_rows(A: torch.Tensor, b: torch.Tensor, interps, rows, values: torch
     is a weighted sum of rows, so the forecast is one weighted sum of rows: the weights are folded in
     float64, then applied in ``dtype`` (float32 is exact enough for float32-and-narrower weights and
     twice as fast). Equals ``apply`` on the interpolated features (tests/test_forecaster.py).
+    A batch of chunks at once: A (K, F, m), b (K, m), values (K, len(rows), P) -> (K, P).
     """
     from farcast_core.calibration import interp_weights
 
-    w = A[:, -1].to(torch.float64).cpu().numpy() @ interp_weights(interps, rows)  # (len(rows),)
-    return torch.from_numpy(w).to(dtype) @ values.to(dtype) + b[-1].item()
+    w = torch.from_numpy(A[..., -1].to(torch.float64).cpu().numpy() @ interp_weights(interps, rows))  # (.., len(rows))
+    return (w.to(dtype).unsqueeze(-2) @ values.to(dtype)).squeeze(-2) + b[..., -1:].to(dtype)
 
 
 def shrink_factor(moved: np.ndarray, needed: np.ndarray, weights: np.ndarray | None = None) -> float:

@@ -319,17 +319,16 @@ def _backtest_sampled(store: RunStore, fc: Forecasters, keys: list[tuple[str, in
     from row b; the weight is chunk size / sample size."""
     app = feature_interps(fc.times or [float(s) for s in fc.steps], fc.feature_ratios)
     rows = sorted({newest, b, *(r for it in app for r in (it.lo, it.hi))})
-    W, mask = sampled_values(store, keys, rows, config, sampled)
+    W, mask = sampled_values(store, keys, rows, config, sampled)  # (K, R, P), zero-padded
     row_of = fc.row()
-    moved, needed, weights = [], [], []
-    for (name, i), values, real in zip(keys, W, mask):
-        lo, hi = store.tensors[name].plan.bounds(i)
-        v = values[:, real]  # (R, sampled)
-        k = row_of[(name, i)]
-        moved.append(forecast_rows(fc.A[k], fc.b[k], app, rows, v) - v[rows.index(b)])
-        needed.append(v[rows.index(newest)] - v[rows.index(b)])
-        weights.append(torch.full((v.shape[1],), (hi - lo) / v.shape[1], dtype=torch.float64))
-    return tuple(torch.cat(x).numpy() for x in (moved, needed, weights))
+    k = [row_of[key] for key in keys]
+    start = W[:, rows.index(b)]
+    moved = forecast_rows(fc.A[k], fc.b[k], app, rows, W) - start
+    needed = W[:, rows.index(newest)] - start
+    bounds = [store.tensors[name].plan.bounds(i) for name, i in keys]
+    size = torch.tensor([hi - lo for lo, hi in bounds], dtype=torch.float64)
+    weights = (size / mask.sum(-1)).unsqueeze(-1).expand_as(start)
+    return tuple(x[mask].numpy() for x in (moved, needed, weights))
 
 
 def read_sampled(store: RunStore, rows: list[int], config: FitConfig, keys=None) -> Sampled | None:

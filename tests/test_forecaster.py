@@ -261,8 +261,8 @@ def test_solve_refines_only_the_chunks_that_move_and_equals_the_loop_over_all():
     M = F.reduce_values(batch, mask, plan.coefficients(), plan.cut_weights)
     cpu = {k: getattr(M, k).numpy() for k in ("G", "P0", "mse0", "Ga")}
     dt = np.diff(np.concatenate([[1.0], plan.ratios]))
-    rows = F._kappa_rows(M)
-    kappas = F._kappas(rows, cpu["P0"])
+    rows = F.KappaRows.of(M)
+    kappas = rows.measure(cpu["P0"])
     config = FitConfig(iters=60)
     moving = (F.objective(cpu["P0"].copy(), cpu, *kappas, dt, config.lam)[1] != 0).any((-2, -1))
     assert moving.tolist() == [False, False, True, True]
@@ -321,7 +321,7 @@ def test_kappa_ignores_the_padded_rows_bit_for_bit():
     """_kappa sums over every row and counts only the masked ones: the rows outside the mask are zero
     (reduce_values zeroes padding), so it equals the masked mean |z| / rms z exactly, on a real padded
     batch and the residuals of its least-squares start; on tensors and on numpy arrays alike."""
-    from farcast_core.forecaster import _kappa, _steps, reduce_values
+    from farcast_core.forecaster import KappaRows, _kappa, _steps, reduce_values
 
     W = sgd_least_squares(1, dim=50)
     plan = plan_pairs(T, 2.0, 4, 8, (0.5, 0.8))
@@ -335,6 +335,12 @@ def test_kappa_ignores_the_padded_rows_bit_for_bit():
         assert np.array_equal(_kappa(z, m), masked.numpy())
         # the same function on numpy arrays (the solve's CPU path): the same up to summation order
         assert np.allclose(_kappa(z.numpy(), m.numpy()), masked.numpy(), rtol=1e-14, atol=0)
+        # with a work array (the solve's scratch), and through KappaRows.measure: the same numbers
+        assert np.array_equal(_kappa(z.numpy(), m.numpy(), np.empty(tuple(z.shape))), _kappa(z.numpy(), m.numpy()))
+    rows, tensors = KappaRows.of(M), KappaRows(M.X, M.Y, M.mask, M.Xa, M.app_mask)  # numpy + scratch; torch
+    for P in (M.P0.numpy(), 1.5 * M.P0.numpy(), M.P0.numpy()):  # the scratch reused holds nothing over
+        for got, ref in zip(rows.measure(P), tensors.measure(P)):
+            assert np.allclose(got, ref, rtol=1e-14, atol=0)
 
 
 # ---------------------------------------------------------------- shrinkage towards the newest weights
@@ -384,3 +390,19 @@ def test_shrunk_forecasters_move_alpha_of_the_way_at_every_horizon():
         y, ys = apply(fc.A[k], fc.b[k], feats), apply(s.A[k], s.b[k], feats)
         assert torch.allclose(ys, feats[:, -1:] + 0.3 * (y - feats[:, -1:]), atol=1e-12)
     assert s.shrink == {"alpha": 0.3, "chosen": "stated"} and fc.shrink is None and torch.equal(fc.A, A)
+
+
+def test_every_takes_each_chunks_strided_columns_in_any_order():
+    """_every (the kappa subsets) equals the column-by-column definition, with chunks of several sizes
+    and strides in no particular order (runs of alike chunks are sliced together)."""
+    from farcast_core.forecaster import _every
+
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(7, 3, 50, generator=g, dtype=torch.float64)
+    sizes, steps = [50, 50, 9, 50, 1, 9, 9], [4, 4, 1, 3, 1, 1, 2]
+    got = _every(V, sizes, steps)
+    ref = torch.zeros(7, 3, max(-(-n // q) for n, q in zip(sizes, steps)), dtype=torch.float64)
+    for k, (n, q) in enumerate(zip(sizes, steps)):
+        for j, col in enumerate(range(0, n, q)):
+            ref[k, :, j] = V[k, :, col]
+    assert torch.equal(got, ref)
