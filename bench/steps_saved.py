@@ -16,7 +16,7 @@ The target loss is the held-out loss plain training reaches at its last step (ev
 wall time (training + fitting + jumping, not the benchmark's own evaluations) to first reach it,
 and plain / jumped; and the cost of one jump (fit + forecast + guard, seconds per jump) against
 the time of 5 plain training steps (issue 13's goal: <= 1). Variants: the optimizer policy at a jump (keep, reset_first, reset_all) and
-forecasting or skipping normalisation and embedding parameters, advancing the schedule or not, and
+forecasting or skipping normalisation and embedding parameters (or the MLP weights), advancing the schedule or not, and
 re-timing the rest of the schedule after a jump (JumpConfig.retime).
 
     python bench/steps_saved.py [--quick] [--only gpt2-wsd,gpt2-const] [--variants "reset_all;reset_all, retime"]
@@ -48,6 +48,8 @@ def variants(every: int) -> dict[str, JumpConfig | None]:
         "reset_first": replace(base, optimizer="reset_first"),
         "reset_all": replace(base, optimizer="reset_all"),
         "reset_all, skip norm+emb": replace(base, optimizer="reset_all", skip_kinds=("norm", "embedding")),
+        "reset_all, skip mlp": replace(base, optimizer="reset_all", skip=("mlp",)),
+        "reset_all, no advance, skip mlp": replace(base, optimizer="reset_all", advance=False, skip=("mlp",)),
         "reset_all, no advance": replace(base, optimizer="reset_all", advance=False),
         "reset_all, verified": replace(base, optimizer="reset_all", advance_by="verified"),
         "keep, verified": replace(base, optimizer="keep", advance_by="verified"),
