@@ -52,8 +52,8 @@ class BatchFit:
 
 # Rows of each chunk kept after the reduction, to re-measure the shape of the residuals (kappa)
 # during the refinement; the second moments themselves use every row. bench/forecast_quality.py
-# (3 seeds): 512 gives the 1024 rows' figures within 0.004 at a third less fitting time; 256 cost
-# digits ratio 2 up to 0.011.
+# (3 seeds): 512 gives the 1024 rows' figures within 0.004 at half the cost of each kappa measurement;
+# 256 cost digits ratio 2 up to 0.011.
 KAPPA_ROWS = 512
 
 
@@ -348,15 +348,16 @@ class KappaRows:
         if self._scratch is None:  # one residual and one work array, long enough for either set of rows
             n = self.X.shape[0] * max(self.X.shape[1], self.Xa.shape[1]) * P.shape[-1]
             self._scratch = np.empty(n, self.X.dtype), np.empty(n, self.X.dtype)
-        out = []
-        for X, mask, Q in ((self.X, self.mask, P), (self.Xa, self.app_mask, _steps(P))):
-            z, work = (a[: X.shape[0] * X.shape[1] * Q.shape[-1]].reshape(X.shape[0], X.shape[1], Q.shape[-1])
-                       for a in self._scratch)
-            np.matmul(X, Q, out=z)
-            if X is self.X:
-                z -= self.Y
-            out.append(_kappa(z, mask, work))
-        return tuple(out)
+        return self._kappa_of(self.X, P, self.Y, self.mask), self._kappa_of(self.Xa, _steps(P), None, self.app_mask)
+
+    def _kappa_of(self, X: np.ndarray, Q: np.ndarray, Y: np.ndarray | None, mask: np.ndarray) -> np.ndarray:
+        """``_kappa`` of X @ Q - Y (no Y: X @ Q), computed in the scratch arrays."""
+        shape = (X.shape[0], X.shape[1], Q.shape[-1])
+        z, work = (a[: math.prod(shape)].reshape(shape) for a in self._scratch)
+        np.matmul(X, Q, out=z)
+        if Y is not None:
+            z -= Y
+        return _kappa(z, mask, work)
 
 
 def _refine(rows: KappaRows, cpu: dict, P: np.ndarray, kappas: tuple[np.ndarray, np.ndarray], dt: np.ndarray,
