@@ -198,8 +198,8 @@ def main() -> None:
         for vname, cfg in chosen.items():
             try:
                 r = train(cfg, steps)
-            except ForecastError as e:  # a variant this run cannot take (retime without a LambdaLR schedule)
-                print(f"{vname:<26} not applicable here: {e}")
+            except ForecastError as e:  # e.g. retime on a loop without a LambdaLR schedule
+                print(f"{vname:<26} not run: {e}")
                 continue
             if goal is None:
                 goal = r["history"][-1][2]

@@ -12,6 +12,7 @@ cost does not grow with the rows sampled.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 
@@ -193,11 +194,9 @@ def _every(V: torch.Tensor, sizes: list[int], steps: list[int]) -> torch.Tensor:
     counts = [-(-n // q) for n, q in zip(sizes, steps)]
     out = V.new_zeros(V.shape[0], V.shape[1], max(1, max(counts)))
     k = 0
-    while k < len(sizes):
-        e = k + 1
-        while e < len(sizes) and (sizes[e], steps[e]) == (sizes[k], steps[k]):
-            e += 1
-        out[k:e, :, : counts[k]] = V[k:e, :, : sizes[k] : steps[k]]
+    for (n, q), run in itertools.groupby(zip(sizes, steps)):
+        e = k + len(list(run))
+        out[k:e, :, : -(-n // q)] = V[k:e, :, :n:q]
         k = e
     return out
 
@@ -335,9 +334,11 @@ class KappaRows:
         return cls(*(t.numpy() for t in rows) if M.X.device.type == "cpu" else rows)
 
     def take(self, chunks: np.ndarray) -> "KappaRows":
-        """The rows of these chunks only."""
+        """The rows of these chunks only (sharing the scratch arrays, which are long enough)."""
         idx = chunks if self.cpu else torch.from_numpy(chunks).to(self.X.device)
-        return KappaRows(*(t[idx] for t in (self.X, self.Y, self.mask, self.Xa, self.app_mask)))
+        out = KappaRows(*(t[idx] for t in (self.X, self.Y, self.mask, self.Xa, self.app_mask)))
+        out._scratch = self._scratch
+        return out
 
     def measure(self, P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """kappa of the calibration residuals and of the forecast's steps at coefficients P (``_kappa``)."""

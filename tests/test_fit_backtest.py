@@ -192,6 +192,7 @@ def test_the_gpus_float32_reduction_agrees_with_float64_on_the_cpu(adam_store, m
     regulariser's kink, up to 12% of its step on bench/forecast_quality.py's runs)."""
     import farcast.pipelines.fit as F
     from farcast_core.calibration import feature_interps
+    from farcast_core.forecaster import forecast_rows
 
     store = RunStore.open(adam_store)
     n = len(store.steps)
@@ -206,8 +207,7 @@ def test_the_gpus_float32_reduction_agrees_with_float64_on_the_cpu(adam_store, m
     for k, (name, i) in enumerate(f64.keys):
         lo, hi = store.tensors[name].plan.bounds(i)
         v = torch.from_numpy(store.read(name, rows, lo, hi)).to(torch.float64)
-        feats = torch.stack([(1 - it.w) * v[rows.index(it.lo)] + it.w * v[rows.index(it.hi)] for it in app], -1)
-        pred = {dt: feats @ f.A[k, :, -1] + f.b[k, -1] for dt, f in fits.items()}
+        pred = {dt: forecast_rows(f.A[k], f.b[k], app, rows, v) for dt, f in fits.items()}
         whole = torch.from_numpy(store.read(name, [0, n - 1], lo, hi)).to(torch.float64)
         moved = (whole[1] - whole[0]).abs().mean() + 1e-12
         assert (pred[torch.float32] - pred[torch.float64]).abs().mean() < 0.05 * moved, (name, i)
