@@ -14,6 +14,11 @@ checks), and its peak RSS above the process's RSS before the fit (imports exclud
 --repeat times (3) and the median is printed: ingest of the small run varies 1-3 s on this shared
 machine. Printed: fit / ingest (goal <= 0.1x) and the split.
 
+Then the same two stages as a user runs them, `farcast ingest RUN --store S` and `farcast fit S ...`,
+timed whole (Python's start, the imports, the work) with each command's peak RSS: on the CPU the fit
+does not import torch (~3 s and ~200 MiB on this machine), so the command costs its imports
+(zarr, numpy, safetensors: ~0.8 s) plus the fit.
+
     python bench/fit_cost.py [--no-big] [--device cpu|cuda|auto] [--work DIR] [--repeat N]
 """
 
@@ -25,6 +30,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from statistics import median
 from pathlib import Path
 
@@ -113,19 +119,21 @@ F._gather_sampled = timed("read", F._gather_sampled)
 F.reduce_many = timed("reduce", F.reduce_many)
 F.solve = timed("solve", F.solve)
 F.save_forecasters = timed("save", F.save_forecasters)
-import torch
-if {device!r} != "auto":
+if {device!r} == "cpu":
+    F.default_device = lambda: "cpu"
+elif {device!r} != "auto":
+    import torch
     F.default_device = lambda: torch.device({device!r})
 def hwm():  # peak RSS of this process image in KiB (ru_maxrss would carry the parent's peak across exec)
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-import torch; torch.zeros(1)
 rss0 = hwm()
 t = time.perf_counter()
 fc, path, target = F.fit({store!r}, target_step={target}, ratio={ratio}, config=FitConfig(**{config!r}), out={out!r}, force=True)
 total = time.perf_counter() - t
 rss1 = hwm()
 print(json.dumps(dict(total=total, spent=spent, rss_before_mib=rss0 / 1024, rss_peak_mib=rss1 / 1024,
-                      chunks=len(fc.keys), params=sum(m.numel for m in RunStore.open({store!r}).tensors.values()))))
+                      chunks=len(fc.keys), params=sum(m.numel for m in RunStore.open({store!r}).tensors.values()),
+                      torch="torch" in sys.modules)))
 """
 
 
@@ -155,6 +163,19 @@ def timed_fit(store: Path, out: Path, target: int | None, ratio: float | None, d
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def timed_command(args: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one farcast command, run whole as a user runs it."""
+    exe = str(Path(sys.executable).parent / "farcast")
+    t = time.perf_counter()
+    p = subprocess.Popen([exe, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
+    _, status, usage = os.wait4(p.pid, 0)
+    seconds = time.perf_counter() - t
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        raise SystemExit(f"farcast {' '.join(args)} failed: {p.stderr.read().decode()}")
+    return seconds, usage.ru_maxrss / 1024
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-big", action="store_true", help="skip the 50M-parameter run")
@@ -171,10 +192,20 @@ def main() -> None:
     print(f"{'run':<8} {'params':>9} {'chunks':>6} {'ingest s':>9} {'fit s':>7} {'fit/ingest':>10}   "
           f"{'plan':>6} {'read':>6} {'reduce':>6} {'solve':>6} {'save':>6} {'other':>6}   "
           f"{'fit RSS MiB (peak - before)':>28}   {'unshrunk fit s':>14} {'/ingest':>8}")
+    commands = {}
     for name, (make, target, ratio) in runs.items():
         run = work / name / "run"
         if not run.exists():
             make(run)
+        store, out = work / name / "store", work / name / "forecasters"
+        aim = ["--target-step", str(target)] if target else ["--ratio", str(ratio)]
+        cli_ingest, cli_fit = [], []
+        for _ in range(args.repeat):
+            shutil.rmtree(store, ignore_errors=True)
+            cli_ingest.append(timed_command(["ingest", str(run), "--store", str(store)]))
+            os.sync()
+            cli_fit.append(timed_command(["fit", str(store), *aim, "--out", str(out), "--force"]))
+        commands[name] = [sorted(c)[len(c) // 2] for c in (cli_ingest, cli_fit)]
         ingest_s = median([timed_ingest(run, work / name / "store") for _ in range(args.repeat)])
         os.sync()  # write ingest's dirty pages back now, so the fit's fsync of its small file does not pay for them
         def median_fit(config=None) -> dict:  # the run of median time, with its split
@@ -188,11 +219,17 @@ def main() -> None:
               f"{fit['total'] / ingest_s:>9.3f}x   {sp['plan']:>6.3f} {sp['read']:>6.3f} {sp['reduce']:>6.3f} "
               f"{sp['solve']:>6.3f} {sp['save']:>6.3f} {fit['total'] - sum(sp.values()):>6.3f}   "
               f"{fit['rss_peak_mib'] - fit['rss_before_mib']:>10.0f} "
-              f"(peak {fit['rss_peak_mib']:.0f})   {plain['total']:>14.2f} {plain['total'] / ingest_s:>7.3f}x")
+              f"(peak {fit['rss_peak_mib']:.0f})   {plain['total']:>14.2f} {plain['total'] / ingest_s:>7.3f}x"
+              + ("   (torch imported)" if fit["torch"] else ""))
     print(f"(fit device: {args.device}; each stage timed inside a fresh process, imports excluded, the median of "
           f"{args.repeat}; "
           "goal: fit / ingest <= 0.1x; the fit is the default, shrink='auto', which also fits the backtest that "
           "chooses the shrinkage; 'unshrunk': shrink=1, one fit)")
+    print(f"\n{'run':<8} {'farcast ingest s':>16} {'farcast fit s':>14} {'fit/ingest':>10}   "
+          f"{'ingest peak RSS MiB':>19} {'fit peak RSS MiB':>16}")
+    for name, ((ingest_s, ingest_mib), (fit_s, fit_mib)) in commands.items():
+        print(f"{name:<8} {ingest_s:>16.2f} {fit_s:>14.2f} {fit_s / ingest_s:>9.3f}x   {ingest_mib:>19.0f} {fit_mib:>16.0f}")
+    print(f"(the commands as a user runs them, whole: Python's start, imports and work; the median of {args.repeat})")
 
 
 if __name__ == "__main__":

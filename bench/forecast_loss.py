@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from farcast_core.forecaster import FitConfig  # noqa: E402
-from farcast_core.series import backtest_row  # noqa: E402
+from farcast_core.calibration import backtest_row  # noqa: E402
 from farcast.pipelines.emit import TargetChunks  # noqa: E402
 from farcast.pipelines.fit import fit_store, time_axis  # noqa: E402
 from farcast.storage.store import RunStore  # noqa: E402

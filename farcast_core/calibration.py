@@ -141,3 +141,11 @@ def plan_pairs(
     app = feature_interps(times, fr)
     w = (times[list(cuts)] - t0) ** recency
     return PairPlan(float(rho), ratios, fr, cuts, features, targets, app, tuple(float(x) for x in w / w.mean()))
+
+
+def backtest_row(times: np.ndarray, rho: float) -> int:
+    """The row s_b that needs ratio ``rho`` to reach the newest row (nearest checkpoint)."""
+    t0, tn = times[0], times[-1]
+    want = t0 + (tn - t0) / rho
+    b = int(np.argmin(np.abs(times[:-1] - want)))
+    return max(b, 2)  # keep s_0, a cut and s_b

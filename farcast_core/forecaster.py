@@ -7,6 +7,10 @@ each column scaled to unit mean magnitude), warm-started by least squares, then 
 L1 loss + lambda * L_grad with Adam. The rows are read once, into second moments per chunk
 (``reduce_values``); the refinement then runs on those for all chunks at once (``solve``), so its
 cost does not grow with the rows sampled.
+
+Arrays: numpy on the CPU, torch tensors on a GPU (the same functions take either). torch is not
+imported here: a CPU fit runs without it (``import torch`` alone costs ~3 s on a small machine,
+20x the fit of a small run), and a GPU fit's caller has it loaded.
 """
 
 from __future__ import annotations
@@ -14,16 +18,69 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
+import sys
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from farcast_core.config import FitConfig  # noqa: F401  (re-exported: where the fit's settings are used)
 
+if TYPE_CHECKING:
+    import torch
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# device nodes of an NVIDIA (or ROCm) GPU: without one, torch cannot find a GPU and is not imported to ask
+GPU_NODES = ("/dev/nvidiactl", "/dev/kfd")
+
+
+def default_device():
+    """torch.device("cuda") where torch sees a GPU, else "cpu" (numpy). torch is imported to ask only
+    where it is loaded already or a GPU device node exists."""
+    if "torch" not in sys.modules and not any(os.path.exists(n) for n in GPU_NODES):
+        return "cpu"
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else "cpu"
+
+
+def on_cpu(device) -> bool:
+    """Is ``device`` ("cpu", "cuda:0", a torch.device, None: the CPU) the CPU?"""
+    return device is None or str(device).split(":")[0] == "cpu"
+
+
+def _is_tensor(x) -> bool:
+    """A torch tensor? (A process that never imported torch has none.)"""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _lib(x):
+    """x's array library: torch for a tensor, else numpy (their functions used here share names)."""
+    return sys.modules["torch"] if _is_tensor(x) else np
+
+
+def _zeros(like, *shape):
+    """Zeros of ``shape`` with like's library, dtype and device."""
+    return like.new_zeros(shape) if _is_tensor(like) else np.zeros(shape, like.dtype)
+
+
+def _asarray(values, like):
+    """``values`` (numpy or nested lists) as an array of like's library, dtype and device."""
+    if _is_tensor(like):
+        return sys.modules["torch"].as_tensor(np.asarray(values), dtype=like.dtype, device=like.device)
+    return np.asarray(values, like.dtype)
+
+
+def _cat(xs, axis: int):
+    return sys.modules["torch"].cat(xs, axis) if _is_tensor(xs[0]) else np.concatenate(xs, axis)
+
+
+def numpy64(x) -> np.ndarray:
+    """x (a tensor on any device, or an array) as a float64 numpy array on the CPU."""
+    if _is_tensor(x):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, np.float64)
 
 
 def grad_reg(traj: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -39,16 +96,16 @@ def grad_reg(traj: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = No
         w = mask.to(steps.dtype).unsqueeze(-1)
         speed = (steps * w).sum(-2) / w.sum(-2).clamp_min(1)
     v = speed / (t[1:] - t[:-1])  # (..., m)
-    return torch.relu(v[..., 1:] - v[..., :-1]).sum(-1)
+    return (v[..., 1:] - v[..., :-1]).clamp_min(0).sum(-1)
 
 
 @dataclass
 class BatchFit:
     """Forecasters of a batch of chunks, in the original parametrisation."""
 
-    A: torch.Tensor  # (K, F, m)
-    b: torch.Tensor  # (K, m)
-    loss: torch.Tensor = field(default=None)  # (K,) final objective in normalised units
+    A: np.ndarray  # (K, F, m) float64
+    b: np.ndarray  # (K, m)
+    loss: np.ndarray = field(default=None)  # (K,) final objective in normalised units
 
 
 # Rows of each chunk kept after the reduction, to re-measure the shape of the residuals (kappa)
@@ -67,46 +124,56 @@ class Moments:
     the forecast's mean squared step over the sampled parameters is D' Ga D: every iteration costs
     O(chunks), not O(rows). Mean absolute values are kappa times root mean squares, kappa measured
     on a subset of the rows (``X``, ``Y``, ``Xa``) at the start and re-measured during the refinement.
+    numpy arrays from a CPU reduction, tensors on the device from a GPU one.
     """
 
-    G: torch.Tensor  # (K, D, D) mean x x' over calibration rows
-    P0: torch.Tensor  # (K, D, m) least-squares coefficients
-    mse0: torch.Tensor  # (K, m) mean squared residual of P0 (from the moments, clamped at 0)
-    Ga: torch.Tensor  # (K, D, D) mean x x' over the sampled parameters at the newest step
-    scale: torch.Tensor  # (K, F+1): s_rel (F-1), s_wc, s_y, to map P back to (A, b)
-    X: torch.Tensor  # (K, r, D) a subset of the calibration rows, Y (K, r, m) their targets
-    Y: torch.Tensor
-    mask: torch.Tensor  # (K, r)
-    Xa: torch.Tensor  # (K, ra, D) a subset of the sampled parameters' rows at the newest step
-    app_mask: torch.Tensor  # (K, ra)
+    G: np.ndarray  # (K, D, D) mean x x' over calibration rows
+    P0: np.ndarray  # (K, D, m) least-squares coefficients
+    mse0: np.ndarray  # (K, m) mean squared residual of P0 (from the moments, clamped at 0)
+    Ga: np.ndarray  # (K, D, D) mean x x' over the sampled parameters at the newest step
+    scale: np.ndarray  # (K, F+1): s_rel (F-1), s_wc, s_y, to map P back to (A, b)
+    X: np.ndarray  # (K, r, D) a subset of the calibration rows, Y (K, r, m) their targets
+    Y: np.ndarray
+    mask: np.ndarray  # (K, r)
+    Xa: np.ndarray  # (K, ra, D) a subset of the sampled parameters' rows at the newest step
+    app_mask: np.ndarray  # (K, ra)
 
     @staticmethod
     def cat(parts: list["Moments"]) -> "Moments":
         """One batch from several (subsets padded to the longest)."""
         def pad(ts, n):
-            return torch.cat([torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, n - t.shape[1])) for t in ts])
+            out = _zeros(ts[0], sum(t.shape[0] for t in ts), n, *ts[0].shape[2:])
+            k = 0
+            for t in ts:
+                out[k : k + t.shape[0], : t.shape[1]] = t
+                k += t.shape[0]
+            return out
         r, ra = max(p.X.shape[1] for p in parts), max(p.Xa.shape[1] for p in parts)
         return Moments(
-            *(torch.cat([getattr(p, f) for p in parts]) for f in ("G", "P0", "mse0", "Ga", "scale")),
+            *(_cat([getattr(p, f) for p in parts], 0) for f in ("G", "P0", "mse0", "Ga", "scale")),
             pad([p.X for p in parts], r), pad([p.Y for p in parts], r), pad([p.mask for p in parts], r),
             pad([p.Xa for p in parts], ra), pad([p.app_mask for p in parts], ra),
         )
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "Moments":
-        f = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)  # noqa: E731
+    def numpy(self) -> "Moments":
+        """These moments as numpy arrays on the CPU (float64; masks stay bool): what a GPU reduction
+        hands to a process or task that has no GPU."""
+        def f(t):
+            t = t.detach().cpu().numpy() if _is_tensor(t) else t
+            return t if t.dtype == bool else t.astype(np.float64, copy=False)
         return Moments(*(f(getattr(self, k)) for k in self.__dataclass_fields__))
 
 
-def _ridge(dt: torch.dtype, D: int, device) -> torch.Tensor:
+def _ridge(like, D: int):
     # a tiny ridge keeps degenerate chunks (constant ones) solvable; in float32, as on a GPU, 1e-8 of
     # the diagonal is below rounding, so the ridge is 100 ulps there
-    return max(1e-8, 100 * torch.finfo(dt).eps) * torch.eye(D, dtype=dt, device=device)
+    return _asarray(max(1e-8, 100 * np.finfo(str(like.dtype).removeprefix("torch.")).eps) * np.eye(D), like)
 
 
-def reduce_values(W: torch.Tensor, mask: torch.Tensor, coefs, cut_weights=()) -> Moments:
+def reduce_values(W, mask, coefs, cut_weights=()) -> Moments:
     """Moments of a batch of chunks straight from their sampled values, without forming the pairs.
 
-    W (K, R, P): chunk k's P sampled parameters at the R stored rows a plan reads, zero outside
+    W (K, R, P), numpy or a tensor: chunk k's P sampled parameters at the R stored rows a plan reads, zero outside
     mask (K, P), the real parameters; coefs = PairPlan.coefficients() (features (C, F, R), targets
     (C, m, R), newest features (F, R)). Every feature and target is a fixed weighted sum of the
     rows, and the normalised design is linear in V = [w - w_newest (R rows), w_newest, 1]; so the
@@ -119,28 +186,25 @@ def reduce_values(W: torch.Tensor, mask: torch.Tensor, coefs, cut_weights=()) ->
     return reduce_many(W, mask, [(coefs, cut_weights)])[0]
 
 
-def reduce_many(W: torch.Tensor, mask: torch.Tensor, problems) -> list[Moments]:
+def reduce_many(W, mask, problems) -> list[Moments]:
     """``reduce_values`` for several fitting problems on the same rows: ``problems`` is a list of
     (coefs, cut_weights), each coefs over all R rows of W (PairPlan.coefficients(rows)). V and its
     second moment, the one pass over the values, are shared. The reference row is W's last (any row
     gives the same moments: every feature weighs the rows with weights summing to one)."""
-    dt, dev = W.dtype, W.device
     K, R = W.shape[:2]
-    n = mask.sum(-1, keepdim=True).to(dt).clamp_min(1)  # (K, 1)
+    sizes = [int(n) for n in mask.sum(-1).tolist()]
     # V = [w - w_newest (R rows), w_newest, 1] per parameter, written in place (values relative to the
     # newest row are small and exact); W is zero outside the mask, and so is V
-    V = torch.empty(K, R + 2, W.shape[2], dtype=dt, device=dev)
-    torch.sub(W, W[:, -1:, :], out=V[:, :R])
+    V = _zeros(W, K, R + 2, W.shape[2])
+    _lib(W).subtract(W, W[:, -1:, :], out=V[:, :R])
     V[:, R], V[:, R + 1] = W[:, -1], mask
-    S = V @ V.transpose(-1, -2) / n.unsqueeze(-1)  # (K, R+2, R+2)
-    sizes = mask.sum(-1).tolist()
+    S = V @ V.swapaxes(-1, -2) / _asarray([max(n, 1) for n in sizes], V)[:, None, None]  # (K, R+2, R+2)
     return [_moments(V, S, sizes, coefs, cut_weights) for coefs, cut_weights in problems]
 
 
-def _moments(V: torch.Tensor, S: torch.Tensor, sizes: list[int], coefs, cut_weights) -> Moments:
+def _moments(V, S, sizes: list[int], coefs, cut_weights) -> Moments:
     """One problem's Moments from the batch's V (K, R+2, P) and S = mean V V' (``reduce_many``)."""
-    Fc, Tg, Ap = (torch.as_tensor(c, dtype=V.dtype, device=V.device) for c in coefs)
-    dt, dev = V.dtype, V.device
+    Fc, Tg, Ap = (_asarray(c, V) for c in coefs)
     C, F, R = Fc.shape
     m = Tg.shape[1]
     K = V.shape[0]
@@ -152,47 +216,49 @@ def _moments(V: torch.Tensor, S: torch.Tensor, sizes: list[int], coefs, cut_weig
     # normalisers: mean |f_k - w_c| and mean |w_c| over all cuts, on the subset's parameters (they only
     # set the units of the problem; a pass over every row cost a third of the reduction)
     rel_c = Fc[:, :-1, :] - Fc[:, -1:, :]  # (C, F-1, R): f_k - w_c as row weights
-    ns = in_s.sum(-1, keepdim=True).clamp_min(1)  # (K, 1)
-    s_rel = (rel_c.reshape(C * (F - 1), R) @ Vs[:, :R]).abs().sum(-1).view(K, C, F - 1).sum(1) / (C * ns) + 1e-12
-    s_wc = ((Fc[:, -1] @ Vs[:, :R] + Vs[:, R : R + 1]).abs().sum(-1).sum(-1, keepdim=True) / (C * ns)) + 1e-12
+    ns = in_s.sum(-1)[:, None]  # (K, 1)
+    ns = ns + (ns == 0)
+    s_rel = abs(rel_c.reshape(C * (F - 1), R) @ Vs[:, :R]).sum(-1).reshape(K, C, F - 1).sum(1) / (C * ns) + 1e-12
+    s_wc = abs(Fc[:, -1] @ Vs[:, :R] + Vs[:, R : R + 1]).sum(-1).sum(-1)[:, None] / (C * ns) + 1e-12
     s_y = s_rel[:, :1]
     D = F + 1
 
     def design(lin_rel, lin_wc):  # row weights (.., F-1, R), (.., R) -> (K, .., D, R+2) maps of V to x
         shape = lin_rel.shape[:-2]
-        T = torch.zeros(K, *shape, D, R + 2, dtype=dt, device=dev)
-        T[..., : F - 1, :R] = lin_rel / s_rel.view(K, *(1,) * len(shape), F - 1, 1)
-        T[..., F - 1, :R] = lin_wc / s_wc.view(K, *(1,) * len(shape), 1)
-        T[..., F - 1, R] = 1.0 / s_wc.view(K, *(1,) * len(shape))
+        T = _zeros(V, K, *shape, D, R + 2)
+        T[..., : F - 1, :R] = lin_rel / s_rel.reshape(K, *(1,) * len(shape), F - 1, 1)
+        T[..., F - 1, :R] = lin_wc / s_wc.reshape(K, *(1,) * len(shape), 1)
+        T[..., F - 1, R] = 1.0 / s_wc.reshape(K, *(1,) * len(shape))
         T[..., F, R + 1] = 1.0
         return T
 
     T = design(rel_c, Fc[:, -1, :])  # (K, C, D, R+2)
-    U = torch.zeros(K, C, m, R + 2, dtype=dt, device=dev)
-    U[..., :R] = (Tg - Fc[:, -1:, :]) / s_y.view(K, 1, 1, 1)  # (y - w_c) / s_y
-    Z = torch.cat([T, U], 2)  # (K, C, D+m, R+2)
-    per_cut = Z @ S.unsqueeze(1) @ Z.transpose(-1, -2)  # (K, C, D+m, D+m)
+    U = _zeros(V, K, C, m, R + 2)
+    U[..., :R] = (Tg - Fc[:, -1:, :]) / s_y.reshape(K, 1, 1, 1)  # (y - w_c) / s_y
+    Z = _cat([T, U], 2)  # (K, C, D+m, R+2)
+    per_cut = Z @ S[:, None] @ Z.swapaxes(-1, -2)  # (K, C, D+m, D+m)
     if len(cut_weights):
-        per_cut = per_cut * torch.as_tensor(cut_weights, dtype=dt, device=dev).view(1, C, 1, 1)
+        per_cut = per_cut * _asarray(cut_weights, V).reshape(1, C, 1, 1)
     Mbar = per_cut.mean(1)  # (K, D+m, D+m)
     G, H, YY = Mbar[:, :D, :D], Mbar[:, :D, D:], Mbar[:, D:, D:]
-    P0 = torch.linalg.solve(G + _ridge(dt, D, dev), H)
-    mse0 = ((G @ P0) * P0).sum(-2) - 2 * (H * P0).sum(-2) + YY.diagonal(dim1=-2, dim2=-1)
+    P0 = _lib(V).linalg.solve(G + _ridge(G, D), H)
+    mse0 = ((G @ P0) * P0).sum(-2) - 2 * (H * P0).sum(-2) + YY.diagonal(0, -2, -1)
+    mse0[mse0 < 0] = 0
     Ta = design(Ap[:-1] - Ap[-1:], Ap[-1])  # (K, D, R+2)
-    Ga = Ta @ S @ Ta.transpose(-1, -2)
-    XYs = (Z @ Vs.unsqueeze(1)).transpose(-1, -2).reshape(K, -1, D + m)  # (K, C * Ps, D + m), cut-major
+    Ga = Ta @ S @ Ta.swapaxes(-1, -2)
+    XYs = (Z @ Vs[:, None]).swapaxes(-1, -2).reshape(K, -1, D + m)  # (K, C * Ps, D + m), cut-major
     Xs, Ys = XYs[..., :D], XYs[..., D:]
-    ms = in_s.repeat(1, C)
-    Xas = (Ta @ Va).transpose(-1, -2)
-    return Moments(G, P0, mse0.clamp_min(0), Ga, torch.cat([s_rel, s_wc, s_y], -1), Xs, Ys, ms, Xas, Va[:, -1] > 0)
+    ms = _lib(V).tile(in_s, (1, C))
+    Xas = (Ta @ Va).swapaxes(-1, -2)
+    return Moments(G, P0, mse0, Ga, _cat([s_rel, s_wc, s_y], -1), Xs, Ys, ms, Xas, Va[:, -1] > 0)
 
 
-def _every(V: torch.Tensor, sizes: list[int], steps: list[int]) -> torch.Tensor:
+def _every(V, sizes: list[int], steps: list[int]):
     """Columns 0, q, 2q, ... of each V[k] (its first sizes[k] columns, q = steps[k]), zero-padded.
     As strided slices of runs of alike chunks (plan_fit sorts a batch by size, so there are few):
     a gather with a (K, rows, width) index cost 4-5x as much."""
     counts = [-(-n // q) for n, q in zip(sizes, steps)]
-    out = V.new_zeros(V.shape[0], V.shape[1], max(1, max(counts)))
+    out = _zeros(V, V.shape[0], V.shape[1], max(1, max(counts)))
     k = 0
     for (n, q), run in itertools.groupby(zip(sizes, steps)):
         e = k + len(list(run))
@@ -216,7 +282,7 @@ def _kappa(z, mask, work=None) -> np.ndarray:
         rms = (_colsum(np.multiply(z, z, out=work)) / n) ** 0.5
     zero = rms == 0
     k = mean_abs / (rms + zero) + zero
-    return k.to("cpu", torch.float64).numpy() if isinstance(k, torch.Tensor) else k.astype(np.float64)
+    return numpy64(k)
 
 
 def _colsum(x):
@@ -227,8 +293,8 @@ def _colsum(x):
 def _steps(P):
     """The forecast's steps between horizon points, D_j = P_j - P_{j-1} with P_0 = 0: (K, D, m); for numpy
     arrays one product with ``_differences``' matrix (fewer operations in ``objective``'s loop)."""
-    if isinstance(P, torch.Tensor):
-        return torch.cat([P[..., :1], P[..., 1:] - P[..., :-1]], -1)
+    if _is_tensor(P):
+        return _cat([P[..., :1], P[..., 1:] - P[..., :-1]], -1)
     return _times(P, _differences(P.shape[-1])[0])
 
 
@@ -331,11 +397,11 @@ class KappaRows:
     @classmethod
     def of(cls, M: Moments) -> "KappaRows":
         rows = (M.X, M.Y, M.mask, M.Xa, M.app_mask)
-        return cls(*(t.numpy() for t in rows) if M.X.device.type == "cpu" else rows)
+        return cls(*(t.numpy() if _is_tensor(t) and t.device.type == "cpu" else t for t in rows))
 
     def take(self, chunks: np.ndarray) -> "KappaRows":
         """The rows of these chunks only (sharing the scratch arrays, which are long enough)."""
-        idx = chunks if self.cpu else torch.from_numpy(chunks).to(self.X.device)
+        idx = chunks if self.cpu else sys.modules["torch"].from_numpy(chunks).to(self.X.device)
         out = KappaRows(*(t[idx] for t in (self.X, self.Y, self.mask, self.Xa, self.app_mask)))
         out._scratch = self._scratch
         return out
@@ -343,7 +409,7 @@ class KappaRows:
     def measure(self, P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """kappa of the calibration residuals and of the forecast's steps at coefficients P (``_kappa``)."""
         if not self.cpu:
-            Pt = torch.from_numpy(P).to(self.X.device, self.X.dtype)
+            Pt = _asarray(P, self.X)
             return _kappa(self.X @ Pt - self.Y, self.mask), _kappa(self.Xa @ _steps(Pt), self.app_mask)
         P = P.astype(self.X.dtype, copy=False)
         if self._scratch is None:  # one residual and one work array, long enough for either set of rows
@@ -386,7 +452,7 @@ def _refine(rows: KappaRows, cpu: dict, P: np.ndarray, kappas: tuple[np.ndarray,
     return best, best_loss
 
 
-def solve(M: Moments, ratios: torch.Tensor, config: FitConfig) -> BatchFit:
+def solve(M: Moments, ratios, config: FitConfig) -> BatchFit:
     """Refine every chunk's least-squares start on the reduced objective with Adam (cosine-decayed
     rate, torch.optim.Adam's update written out), keeping each chunk's best iterate. ``ratios``: the
     horizons, (m,) for every chunk or (K, m), one row per chunk, so that fits for different targets
@@ -398,9 +464,9 @@ def solve(M: Moments, ratios: torch.Tensor, config: FitConfig) -> BatchFit:
     whose start does not accelerate has a zero gradient: Adam would never move it, and it is its own
     best iterate. Only the other chunks enter the loop (the same iterates as a loop over all of them).
     """
-    cpu = {k: getattr(M, k).detach().to("cpu", torch.float64).numpy() for k in ("G", "P0", "mse0", "Ga")}
+    cpu = {k: numpy64(getattr(M, k)) for k in ("G", "P0", "mse0", "Ga")}
     P = cpu["P0"].copy()
-    r = np.asarray(ratios.cpu(), dtype=np.float64)  # (m,) shared, or (K, m): each chunk's own horizons
+    r = numpy64(ratios)  # (m,) shared, or (K, m): each chunk's own horizons
     t = np.concatenate([np.ones(r.shape[:-1] + (1,)), r], -1)  # ratio 1 is w_c
     dt = t[..., 1:] - t[..., :-1]
     rows = KappaRows.of(M)
@@ -411,42 +477,49 @@ def solve(M: Moments, ratios: torch.Tensor, config: FitConfig) -> BatchFit:
         P[moving], best_loss[moving] = _refine(rows.take(moving), {k: v[moving] for k, v in cpu.items()}, P[moving],
                                                (kappa[moving], kappa_a[moving]), dt[moving] if dt.ndim > 1 else dt,
                                                config)
-    sc = M.scale.detach().to("cpu", torch.float64)
+    sc = numpy64(M.scale)
     s_rel, s_wc, s_y = sc[..., :-2], sc[..., -2:-1], sc[..., -1:]
-    Pw = torch.from_numpy(P) * s_y.unsqueeze(-2)  # residual per unit feature, in weight units
-    c_rel = Pw[..., :-2, :] / s_rel.unsqueeze(-1)  # (K, F-1, m) coefficients on (f_k - w_c)
-    c_wc = Pw[..., -2:-1, :] / s_wc.unsqueeze(-1)  # (K, 1, m)
-    A = torch.cat([c_rel, 1.0 - c_rel.sum(-2, keepdim=True) + c_wc], -2)  # (K, F, m)
-    return BatchFit(A, Pw[..., -1, :], torch.from_numpy(best_loss))
+    Pw = P * s_y[..., None, :]  # residual per unit feature, in weight units
+    c_rel = Pw[..., :-2, :] / s_rel[..., None]  # (K, F-1, m) coefficients on (f_k - w_c)
+    c_wc = Pw[..., -2:-1, :] / s_wc[..., None]  # (K, 1, m)
+    A = np.concatenate([c_rel, 1.0 - c_rel.sum(-2, keepdims=True) + c_wc], -2)  # (K, F, m)
+    return BatchFit(A, np.ascontiguousarray(Pw[..., -1, :]), best_loss)
 
 
-def fit_values(W: torch.Tensor, mask: torch.Tensor, coefs, ratios: torch.Tensor, config: FitConfig,
+def fit_values(W, mask, coefs, ratios, config: FitConfig,
                cut_weights=()) -> BatchFit:
     """Fit one forecaster per chunk (``reduce_values`` then ``solve``; see them for the shapes)."""
     return solve(reduce_values(W, mask, coefs, cut_weights), ratios, config)
 
 
-def apply(A: torch.Tensor, b: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-    """Forecast (P, m) from features (P, F) with one chunk's A (F, m), b (m,)."""
+def apply(A, b, feats):
+    """Forecast (P, m) from features (P, F) with one chunk's A (F, m), b (m,) (tensor features: a tensor)."""
+    if _is_tensor(feats):
+        A, b = _asarray(A, feats), _asarray(b, feats)
     return feats @ A + b
 
 
-def forecast_rows(A: torch.Tensor, b: torch.Tensor, interps, rows, values: torch.Tensor,
-                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def forecast_rows(A, b, interps, rows, values, dtype=None):
     """The forecast of the target (the last horizon) of one chunk's parameters from its stored rows:
     what backtest, emit and jumps all compute.
 
     A (F, m), b (m,): the chunk's forecaster; ``interps``: how each feature is read from the rows
-    (``calibration.feature_interps``); ``values`` (len(rows), P): the chunk at ``rows``. Each feature
-    is a weighted sum of rows, so the forecast is one weighted sum of rows: the weights are folded in
-    float64, then applied in ``dtype`` (float32 is exact enough for float32-and-narrower weights and
-    twice as fast). Equals ``apply`` on the interpolated features (tests/test_forecaster.py).
+    (``calibration.feature_interps``); ``values`` (len(rows), P), numpy or a tensor: the chunk at
+    ``rows``. Each feature is a weighted sum of rows, so the forecast is one weighted sum of rows: the
+    weights are folded in float64, then applied in ``dtype`` (values' library; default float64;
+    float32 is exact enough for float32-and-narrower weights and twice as fast). Equals ``apply`` on
+    the interpolated features (tests/test_forecaster.py).
     A batch of chunks at once: A (K, F, m), b (K, m), values (K, len(rows), P) -> (K, P).
     """
     from farcast_core.calibration import interp_weights
 
-    w = torch.from_numpy(A[..., -1].to(torch.float64).cpu().numpy() @ interp_weights(interps, rows))  # (.., len(rows))
-    return (w.to(dtype).unsqueeze(-2) @ values.to(dtype)).squeeze(-2) + b[..., -1:].to(dtype)
+    w = numpy64(A[..., -1]) @ interp_weights(interps, rows)  # (.., len(rows))
+    if not _is_tensor(values):
+        dt = dtype or np.float64
+        return (w.astype(dt)[..., None, :] @ values.astype(dt, copy=False))[..., 0, :] + numpy64(b[..., -1:]).astype(dt)
+    torch = sys.modules["torch"]
+    values = values.to(dtype or torch.float64)
+    return (_asarray(w, values)[..., None, :] @ values)[..., 0, :] + _asarray(numpy64(b[..., -1:]), values)
 
 
 def shrink_factor(moved: np.ndarray, needed: np.ndarray, weights: np.ndarray | None = None) -> float:
@@ -482,8 +555,8 @@ class Forecasters:
 
     keys: list[tuple[str, int]]  # (tensor name, chunk index) of row k of A and b
     chunks: dict[str, int]  # tensor name -> chunk length, so a transfer can check the plan
-    A: torch.Tensor  # (K, F, m) float64
-    b: torch.Tensor  # (K, m) float64
+    A: np.ndarray  # (K, F, m) float64
+    b: np.ndarray  # (K, m) float64
     config: FitConfig
     rho: float  # target ratio the forecasters were fitted for
     ratios: tuple[float, ...]  # horizon ratios, the last is rho

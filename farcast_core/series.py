@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from farcast_core import baselines
-from farcast_core.calibration import Interp, PairPlan, plan_pairs
+from farcast_core.calibration import Interp, PairPlan, backtest_row, plan_pairs
 from farcast_core.forecaster import FitConfig, BatchFit, fit_values, forecast_rows
 from farcast_core.sampling import sample_index
 
@@ -72,10 +72,3 @@ def backtest_series(
     }
     return {m: float((p - truth).abs().mean()) for m, p in preds.items()}
 
-
-def backtest_row(times: np.ndarray, rho: float) -> int:
-    """The row s_b that needs ratio ``rho`` to reach the newest row (nearest checkpoint)."""
-    t0, tn = times[0], times[-1]
-    want = t0 + (tn - t0) / rho
-    b = int(np.argmin(np.abs(times[:-1] - want)))
-    return max(b, 2)  # keep s_0, a cut and s_b

@@ -14,7 +14,6 @@ import re
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry errors
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # 20 s default is too short on 2 cores
 
-import torch  # noqa: E402
 from prefect import flow, get_run_logger, task, unmapped  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 from prefect.artifacts import (  # noqa: E402
@@ -132,7 +131,7 @@ def reduce_chunks_task(store: str, plan: fit_mod.FitPlan, fit_config: dict, keys
     """Read one batch of chunks' sampled rows and reduce them to the moments the refinement needs."""
     moments = fit_mod.reduce_keys(RunStore.open(store), plan, [tuple(k) for k in keys], FitConfig.from_json(fit_config),
                                   default_device())
-    return [m.to(torch.device("cpu"), torch.float64) for m in moments]
+    return [m.numpy() for m in moments]
 
 
 @task(name="solve-and-save", **DISK_RETRIES)

@@ -19,7 +19,8 @@ from farcast_core.calibration import feature_interps, interp_at, max_ratio
 from farcast_core.dtypes import widen
 from farcast_core.errors import ForecastError, ScheduleEndError
 from farcast_core.forecaster import FitConfig, Forecasters, forecast_rows
-from farcast_core.series import at, backtest_row
+from farcast_core.calibration import backtest_row
+from farcast_core.series import at
 from farcast_core.timeaxis import TimeAxis
 from farcast.pipelines.fit import fit_store, resolve_target, standstill, time_axis
 from farcast.storage.store import RunStore

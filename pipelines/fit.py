@@ -2,10 +2,12 @@
 
 Reads the store chunk by chunk (only the rows the calibration plan needs, only the sampled
 parameters), so memory is bounded by the sample and the batch, never the model or the run.
+On the CPU the fit is numpy and never imports torch; on a GPU the reduction runs in torch there.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, replace
@@ -13,15 +15,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
+from threadpoolctl import ThreadpoolController
 
 from farcast_core import timeaxis
-from farcast_core.calibration import PairPlan, feature_interps, plan_pairs
-from farcast_core.dtypes import widen
+from farcast_core.calibration import PairPlan, backtest_row, feature_interps, plan_pairs
+from farcast_core.dtypes import widen_np
 from farcast_core.errors import ForecastError
-from farcast_core.forecaster import (FitConfig, Forecasters, Moments, default_device, forecast_rows, reduce_many,
-                                     shrink_factor, solve)
-from farcast_core.series import backtest_row
+from farcast_core.forecaster import (FitConfig, Forecasters, Moments, default_device, forecast_rows, on_cpu,
+                                     reduce_many, shrink_factor, solve)
 from farcast_core.sampling import chunk_seed, sample_index
 from farcast_core.timeaxis import STEPS, TimeAxis
 from farcast.storage.artifacts import forecaster_path, save_forecasters
@@ -144,7 +145,7 @@ def plan_fit(
 
 
 def reduce_keys(
-    store: RunStore, plan: FitPlan, keys: list[tuple[str, int]], config: FitConfig, device: torch.device,
+    store: RunStore, plan: FitPlan, keys: list[tuple[str, int]], config: FitConfig, device,
     sampled: Sampled | None = None,
 ) -> list[Moments]:
     """The reduced fitting problems of one batch of chunk keys, one Moments per ``plan.problems()``
@@ -153,9 +154,8 @@ def reduce_keys(
     ``sampled``: ``read_sampled``'s result covering these keys and ``plan.rows``, when the caller read it.
     """
     rows = plan.rows
-    W, mask = sampled_values(store, keys, rows, config, sampled)
-    return reduce_many(W.to(device=device, dtype=_dtype(device)), mask.to(device),
-                       [(p.pairs.coefficients(rows), p.pairs.cut_weights) for p in plan.problems()])
+    W, mask = _on_device(*sampled_values(store, keys, rows, config, sampled), device)
+    return reduce_many(W, mask, [(p.pairs.coefficients(rows), p.pairs.cut_weights) for p in plan.problems()])
 
 
 @dataclass
@@ -169,7 +169,7 @@ class Sampled:
 
 
 def sampled_values(store: RunStore, keys: list[tuple[str, int]], rows: list[int], config: FitConfig,
-                   sampled: Sampled | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   sampled: Sampled | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(W (K, R, P) float64, mask (K, P)): the sampled parameters of each chunk of ``keys`` at ``rows``,
     zero-padded to the longest; from the store's sample array where it serves the config (``sampled``:
     ``read_sampled``'s result when the caller read it already, covering ``rows``), else from the chunks
@@ -180,8 +180,8 @@ def sampled_values(store: RunStore, keys: list[tuple[str, int]], rows: list[int]
         return _gather_sampled(store, keys, sampled, rows)
     metas = store.tensors
     values = [_chunk_values(store, rows, metas[name], i, config) for name, i in keys]
-    W = torch.zeros(len(values), len(rows), max(v.shape[1] for v in values), dtype=torch.float64)
-    mask = torch.zeros(W.shape[0], W.shape[2], dtype=torch.bool)
+    W = np.zeros((len(values), len(rows), max(v.shape[1] for v in values)))
+    mask = np.zeros((W.shape[0], W.shape[2]), dtype=bool)
     for k, v in enumerate(values):
         W[k, :, : v.shape[1]], mask[k, : v.shape[1]] = v, True
     return W, mask
@@ -201,22 +201,24 @@ def _gather_sampled(store: RunStore, keys: list[tuple[str, int]], sampled: Sampl
     for k, (a, b) in enumerate(spans):
         W[k, :, : b - a] = sampled.values[pick, a - sampled.start : b - sampled.start]
     mask = np.arange(W.shape[2])[None, :] < np.asarray(lens)[:, None]  # (K, P)
-    return torch.from_numpy(W), torch.from_numpy(mask)
+    return W, mask
 
 
-def _dtype(device: torch.device) -> torch.dtype:
-    return torch.float64 if device.type == "cpu" else torch.float32  # features are normalised first
+def _on_device(W: np.ndarray, mask: np.ndarray, device):
+    """The sampled rows where they are reduced: float64 numpy on the CPU, float32 tensors on a GPU
+    (the features are normalised first)."""
+    if on_cpu(device):
+        return W, mask
+    import torch
+
+    return torch.from_numpy(W).to(device, torch.float32), torch.from_numpy(mask).to(device)
 
 
-def _ratios(plan: FitPlan, device: torch.device) -> torch.Tensor:
-    return torch.tensor(plan.pairs.ratios, dtype=_dtype(device), device=device)
-
-
-def assemble(plan: FitPlan, config: FitConfig, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> Forecasters:
+def assemble(plan: FitPlan, config: FitConfig, parts: list[tuple[np.ndarray, np.ndarray]]) -> Forecasters:
     """The run's forecasters from the fitted batches, in plan order."""
     return Forecasters(
         keys=[k for batch in plan.batches for k in batch], chunks=plan.chunks,
-        A=torch.cat([a for a, _ in parts]), b=torch.cat([b for _, b in parts]), config=config, rho=plan.rho,
+        A=np.concatenate([a for a, _ in parts]), b=np.concatenate([b for _, b in parts]), config=config, rho=plan.rho,
         ratios=plan.pairs.ratios, feature_ratios=plan.pairs.feature_ratios, steps=plan.steps, excluded=plan.excluded,
         times=plan.times, axis=plan.axis.to_json(),
     )
@@ -227,18 +229,31 @@ def fit_store(
     n_rows: int,
     rho: float,
     config: FitConfig = FitConfig(),
-    device: torch.device | None = None,
+    device=None,
     progress: Callable[[int, int], None] | None = None,
     axis: TimeAxis | None = None,
 ) -> Forecasters:
     """Fit forecasters for ratio ``rho`` (on ``axis``) on the first ``n_rows`` committed steps of ``store``."""
     plan = plan_fit(store, n_rows, rho, config, axis)
     device = device or default_device()
-    sampled = read_sampled(store, plan.rows, config)  # once, for every batch, the inner backtest included
-    return finish(store, plan, config, _reduce_all(store, plan, config, device, progress, sampled), device, sampled)
+    with one_blas_thread():
+        sampled = read_sampled(store, plan.rows, config)  # once, for every batch, the inner backtest included
+        return finish(store, plan, config, _reduce_all(store, plan, config, device, progress, sampled), sampled)
 
 
-def _reduce_all(store: RunStore, plan: FitPlan, config: FitConfig, device: torch.device,
+@functools.cache
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def one_blas_thread():
+    """numpy's BLAS on one thread while the fit runs (a context manager). Its products are small (a
+    chunk's rows x its sample), and inside a training process BLAS's threads contend with torch's for
+    the cores: a digits jump's reduction took 6.8 ms with two threads on two cores, 3.6 ms with one."""
+    return _blas().limit(limits=1, user_api="blas")
+
+
+def _reduce_all(store: RunStore, plan: FitPlan, config: FitConfig, device,
                 progress: Callable[[int, int], None] | None = None,
                 sampled: Sampled | None = None) -> list[list[Moments]]:
     per = device_batch(device, len(plan.rows), config.sample, config.batch_chunks)
@@ -258,20 +273,23 @@ def _reduce_all(store: RunStore, plan: FitPlan, config: FitConfig, device: torch
 COPIES_PER_CHUNK = 16
 
 
-def device_batch(device: torch.device, rows: int, sample: int, default: int) -> int:
+def device_batch(device, rows: int, sample: int, default: int) -> int:
     """Chunks per reduction batch: ``default`` on the CPU; on a GPU as many as a quarter of its free
     memory holds (the rows move to the device once per batch, so fewer, larger batches pay there)."""
-    if device.type != "cuda":
+    if on_cpu(device):
         return default
+    import torch
+
     free, _total = torch.cuda.mem_get_info(device)
     return max(default, int(free // 4 // (rows * sample * 4 * COPIES_PER_CHUNK)))
 
 
 def finish(store: RunStore, plan: FitPlan, config: FitConfig, parts: list[list[Moments]],
-           device: torch.device | None = None, sampled: Sampled | None = None) -> Forecasters:
+           sampled: Sampled | None = None) -> Forecasters:
     """Refine every chunk of the reduced batches at once (``solve``) and assemble the run's forecasters,
     shrunk towards the newest weights as config.shrink says (docs/method.md, "Shrinkage"). ``parts``:
-    ``reduce_keys``' results, one per batch; ``sampled``: the rows read for them, when the caller has them.
+    ``reduce_keys``' results, one per batch (numpy, or tensors on the GPU that reduced them: the
+    refinement measures its kappas there); ``sampled``: the rows read for them, when the caller has them.
 
     shrink "auto": a backtest of the fit on the run's own history, on the sampled parameters: fit (the
     same config, unshrunk) on the steps up to s_b, the checkpoint from which the plan's ratio reaches
@@ -281,13 +299,13 @@ def finish(store: RunStore, plan: FitPlan, config: FitConfig, parts: list[list[M
     are more rows of the batch). Too few checkpoints for the backtest: alpha = 1 (no shrinkage), and
     the forecasters say why.
     """
-    device = device or default_device()
     by_problem = [[part[i] for part in parts] for i in range(len(plan.problems()))]  # the plan's, then the inner's
-    moments = Moments.cat([m.to(device, _dtype(device)) for group in by_problem for m in group])
+    moments = Moments.cat([m for group in by_problem for m in group])
     K = sum(part[0].G.shape[0] for part in parts)
-    ratios = torch.cat([_ratios(p, device).expand(K, -1) for p in plan.problems()])
+    ratios = np.concatenate([np.broadcast_to(np.asarray(p.pairs.ratios), (K, len(p.pairs.ratios)))
+                             for p in plan.problems()])
     fitted = solve(moments, ratios, config)
-    A, b = fitted.A.cpu().to(torch.float64), fitted.b.cpu().to(torch.float64)
+    A, b = fitted.A, fitted.b
     fc = assemble(plan, config, [(A[:K], b[:K])])
     if config.shrink != "auto":
         return fc.shrunk(float(config.shrink), "stated") if config.shrink != 1 else fc
@@ -326,9 +344,9 @@ def _backtest_sampled(store: RunStore, fc: Forecasters, keys: list[tuple[str, in
     moved = forecast_rows(fc.A[k], fc.b[k], app, rows, W) - start
     needed = W[:, rows.index(newest)] - start
     bounds = [store.tensors[name].plan.bounds(i) for name, i in keys]
-    size = torch.tensor([hi - lo for lo, hi in bounds], dtype=torch.float64)
-    weights = (size / mask.sum(-1)).unsqueeze(-1).expand_as(start)
-    return tuple(x[mask].numpy() for x in (moved, needed, weights))
+    size = np.array([hi - lo for lo, hi in bounds], dtype=np.float64)
+    weights = np.broadcast_to((size / mask.sum(-1))[:, None], start.shape)
+    return tuple(x[mask] for x in (moved, needed, weights))
 
 
 def read_sampled(store: RunStore, rows: list[int], config: FitConfig, keys=None) -> Sampled | None:
@@ -349,7 +367,7 @@ def _chunk_values(store: RunStore, rows: list[int], m, i: int, config: FitConfig
     itself (stores without the sample array, or another sample size or seed)."""
     a, b = m.plan.bounds(i)
     idx = sample_index(b - a, config.sample, chunk_seed(config.seed, m.name, i))
-    return widen(store.read(m.name, rows, cols=a + idx), m.dtype).to(torch.float64)
+    return widen_np(store.read(m.name, rows, cols=a + idx), m.dtype).astype(np.float64)
 
 
 def fit(

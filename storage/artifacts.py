@@ -78,14 +78,14 @@ def save_forecasters(fc: Forecasters, path: str | os.PathLike, extra: dict | Non
         "farcast_version": VERSION,
         **(extra or {}),
     }
-    return save_safetensors({"A": fc.A.cpu(), "b": fc.b.cpu()}, path, {"farcast": json.dumps(meta)})
+    return save_safetensors({"A": fc.A, "b": fc.b}, path, {"farcast": json.dumps(meta)})
 
 
 def load_forecasters(path: str | os.PathLike) -> tuple[Forecasters, dict]:
     """(forecasters, the full metadata) from a file written by ``save_forecasters``."""
     path = Path(path)
     try:
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "np") as f:
             meta = json.loads(f.metadata()["farcast"])
             A, b = f.get_tensor("A"), f.get_tensor("b")
     except Exception as e:

@@ -25,8 +25,18 @@ def naming(path: Path):
 
 
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Write a safetensors file atomically: readers see the old file or the whole new one."""
-    from safetensors.torch import save_file  # here: importing this module must not import torch
+    """Write a safetensors file atomically: readers see the old file or the whole new one. ``tensors``:
+    torch tensors, or numpy arrays (written without importing torch)."""
+    import numpy as np
+
+    if all(isinstance(v, np.ndarray) for v in tensors.values()):
+        from safetensors.numpy import save_file
+
+        tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    else:
+        from safetensors.torch import save_file  # here: importing this module must not import torch
+
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,7 +44,7 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with naming(path):
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+            save_file(tensors, tmp, metadata=metadata)
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -367,8 +367,8 @@ def test_the_emitted_weights_are_the_backtests_forecast(digits_store, tmp_path):
         assert torch.allclose(backtest_says, want, rtol=1e-12, atol=1e-12 * float(want.abs().max())), name
         # float32 application of the folded weights w (one per row): each product and each partial sum
         # rounds once, so the error is at most (rows + 1) eps sum_r |w_r| |v_r| (plus the bias's rounding)
-        w = fc.A[k][:, -1] @ torch.from_numpy(interp_weights(app, rows))
-        bound = (len(rows) + 1) * torch.finfo(torch.float32).eps * ((w.abs() @ v.abs()) + fc.b[k, -1].abs())
+        w = torch.from_numpy(fc.A[k][:, -1] @ interp_weights(app, rows))
+        bound = (len(rows) + 1) * torch.finfo(torch.float32).eps * ((w.abs() @ v.abs()) + abs(fc.b[k, -1]))
         assert ((got - backtest_says).abs() <= bound).all(), name
 
 

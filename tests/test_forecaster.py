@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from farcast_core import baselines
 from farcast_core.calibration import max_ratio, plan_pairs
 from farcast_core.errors import ForecastError
-from farcast_core.forecaster import FitConfig, grad_reg
+from farcast_core.forecaster import FitConfig, apply, grad_reg
 from farcast_core.series import backtest_series, fit_series, forecast_series
 
 T = np.arange(0, 201, 10)  # 21 checkpoints, every 10 steps
@@ -90,7 +90,7 @@ def test_regulariser_hand_computed():
 def horizon_speeds(W, lam):
     fitted, plan = fit_series(W, T, 3.0, FitConfig(lam=lam, horizons=4, iters=300, extra_features=()))
     feats = torch.stack([W[0], W[-1]], -1)
-    pred = feats @ fitted.A[0] + fitted.b[0]  # (P, m)
+    pred = apply(fitted.A[0], fitted.b[0], feats)  # (P, m)
     traj = torch.cat([W[-1:].T, pred], 1)
     t = np.array([1.0, *plan.ratios])
     return (traj[:, 1:] - traj[:, :-1]).abs().mean(0) / torch.tensor(np.diff(t))
@@ -112,8 +112,8 @@ def test_fit_is_deterministic_for_a_seed():
     a, _ = fit_series(W, T, 2.0, FitConfig(sample=20, seed=3))
     b, _ = fit_series(W, T, 2.0, FitConfig(sample=20, seed=3))
     c, _ = fit_series(W, T, 2.0, FitConfig(sample=20, seed=4))
-    assert torch.equal(a.A, b.A) and torch.equal(a.b, b.b)
-    assert not torch.equal(a.A, c.A)
+    assert np.array_equal(a.A, b.A) and np.array_equal(a.b, b.b)
+    assert not np.array_equal(a.A, c.A)
 
 
 def test_calibration_plan_and_too_far_error():
@@ -151,11 +151,11 @@ def test_float32_fit_as_on_a_gpu_solves_constant_chunks():
     for dt in (torch.float64, torch.float32):
         fitted = fit_values(W.to(dt), torch.ones(2, 50, dtype=torch.bool), plan.coefficients(),
                             torch.tensor(plan.ratios, dtype=dt), FitConfig())
-        assert torch.isfinite(fitted.A).all() and torch.isfinite(fitted.b).all(), dt
+        assert np.isfinite(fitted.A).all() and np.isfinite(fitted.b).all(), dt
         feats_n = torch.stack([at(moving, rows, it) for it in plan.app_features], -1)
-        out[dt] = apply(fitted.A[0].double(), fitted.b[0].double(), feats_n)[:, -1]
+        out[dt] = apply(fitted.A[0], fitted.b[0], feats_n)[:, -1]
         still_n = torch.stack([at(still, rows, it) for it in plan.app_features], -1)
-        assert torch.allclose(apply(fitted.A[1].double(), fitted.b[1].double(), still_n)[:, -1], still[-1], atol=1e-3)
+        assert torch.allclose(apply(fitted.A[1], fitted.b[1], still_n)[:, -1], still[-1], atol=1e-3)
     moved = (moving[-1] - moving[0]).abs().mean()
     assert (out[torch.float32] - out[torch.float64]).abs().mean() < 0.05 * moved
 
@@ -269,10 +269,10 @@ def test_solve_refines_only_the_chunks_that_move_and_equals_the_loop_over_all():
     best, loss = F._refine(rows, cpu, cpu["P0"].copy(), kappas, dt, config)  # every chunk in the loop
     assert np.array_equal(best[~moving], cpu["P0"][~moving])  # Adam never moved them
     fit = F.solve(M, torch.tensor(plan.ratios, dtype=torch.float64), config)
-    assert np.allclose(fit.loss.numpy(), loss, rtol=1e-12)  # the same best iterates
+    assert np.allclose(fit.loss, loss, rtol=1e-12)  # the same best iterates
     ref = F.solve(M, torch.tensor(plan.ratios, dtype=torch.float64), FitConfig(iters=0))  # the starts
-    assert not torch.allclose(fit.A[2:], ref.A[2:])  # the moving chunks were refined
-    assert torch.allclose(fit.A[:2], ref.A[:2], rtol=0, atol=0)
+    assert not np.allclose(fit.A[2:], ref.A[2:])  # the moving chunks were refined
+    assert np.array_equal(fit.A[:2], ref.A[:2])
 
 
 def test_the_written_out_adam_is_torchs():

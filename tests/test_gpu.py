@@ -30,7 +30,7 @@ def test_cuda_fit_agrees_with_the_cpu_fit(tmp_path):
         lo, hi = m.plan.bounds(i)
         v = torch.from_numpy(store.read(name, rows, lo, hi)).to(torch.float64)
         feats = torch.stack([(1 - it.w) * v[rows.index(it.lo)] + it.w * v[rows.index(it.hi)] for it in app], -1)
-        pred = {d: feats @ f.A[k, :, -1] + f.b[k, -1] for d, f in fits.items()}
+        pred = {d: feats @ torch.from_numpy(f.A[k, :, -1]) + float(f.b[k, -1]) for d, f in fits.items()}
         moved = (v[-1] - v[0]).abs().mean() + 1e-12
         assert (pred["cuda"] - pred["cpu"]).abs().mean() < 0.05 * moved, name
 
