@@ -51,6 +51,32 @@ def test_fit_saves_forecasters_with_their_config(adam_store, tmp_path):
     assert meta["config"]["lam"] == FAST.lam and meta["target_step"] == 90 and meta["steps"] == store.steps
 
 
+def test_the_cpu_fit_command_never_imports_torch(adam_store, tmp_path):
+    """`farcast fit` on a machine without a GPU runs in numpy: importing torch alone costs ~3 s and ~220 MiB
+    on a small machine, more than the fit of a 300M-parameter run. Run as the command runs (a fresh
+    process) and checked there; the forecasters it saves are the ones fit_store computes here."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from farcast.flows.cli import main\n"
+        f"sys.argv = ['farcast', 'fit', {str(adam_store)!r}, '--ratio', '1.5', '--out', {str(tmp_path / 'fc')!r}]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "from farcast_core.forecaster import GPU_NODES\n"
+        "import os\n"
+        "gpu = any(os.path.exists(n) for n in GPU_NODES)\n"
+        "print('torch' in sys.modules, gpu)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    imported, gpu_node = out[-2] == "True", out[-1] == "True"
+    assert imported == gpu_node  # a machine with a GPU device node asks torch whether it can use it
+    saved, _ = load_forecasters(tmp_path / "fc" / "target_90.safetensors")
+    store = RunStore.open(adam_store)
+    here = fit_store(store, len(store.steps), 1.5, FitConfig(), "cpu")
+    assert np.array_equal(saved.A, here.A) and np.array_equal(saved.b, here.b) and saved.A.dtype == np.float64
+
+
 def test_fit_is_deterministic_and_batching_does_not_change_it(adam_store):
     store = RunStore.open(adam_store)
     n = len(store.steps)
