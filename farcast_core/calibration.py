@@ -149,3 +149,14 @@ def backtest_row(times: np.ndarray, rho: float) -> int:
     want = t0 + (tn - t0) / rho
     b = int(np.argmin(np.abs(times[:-1] - want)))
     return max(b, 2)  # keep s_0, a cut and s_b
+
+
+def at(values, rows: Sequence[int], it: Interp):
+    """Value at one Interp from ``values`` (R, P), numpy or a tensor, whose i-th row is stored row
+    ``rows[i]``: torch.lerp's formula (exact at both ends), so both libraries give the same values."""
+    pos = {r: i for i, r in enumerate(rows)}
+    lo = values[pos[it.lo]]
+    if it.w == 0.0:
+        return lo
+    hi = values[pos[it.hi]]
+    return lo + it.w * (hi - lo) if it.w < 0.5 else hi - (hi - lo) * (1.0 - it.w)

@@ -11,16 +11,9 @@ import numpy as np
 import torch
 
 from farcast_core import baselines
-from farcast_core.calibration import Interp, PairPlan, backtest_row, plan_pairs
+from farcast_core.calibration import PairPlan, at, backtest_row, plan_pairs
 from farcast_core.forecaster import FitConfig, BatchFit, fit_values, forecast_rows
 from farcast_core.sampling import sample_index
-
-
-def at(values: torch.Tensor, rows: Sequence[int], it: Interp) -> torch.Tensor:
-    """Value at one Interp from ``values`` (R, P) whose i-th row is stored row ``rows[i]``."""
-    pos = {r: i for i, r in enumerate(rows)}
-    lo = values[pos[it.lo]]
-    return lo if it.w == 0.0 else torch.lerp(lo, values[pos[it.hi]], it.w)
 
 
 def pairs(values: torch.Tensor, rows: Sequence[int], plan: PairPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,16 +11,13 @@ import os
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
 from farcast_core import baselines
 from farcast_core.baselines import METHODS
-from farcast_core.calibration import feature_interps, interp_at, max_ratio
-from farcast_core.dtypes import widen
+from farcast_core.calibration import at, backtest_row, feature_interps, interp_at, max_ratio
+from farcast_core.dtypes import widen_np
 from farcast_core.errors import ForecastError, ScheduleEndError
 from farcast_core.forecaster import FitConfig, Forecasters, forecast_rows
-from farcast_core.calibration import backtest_row
-from farcast_core.series import at
 from farcast_core.timeaxis import TimeAxis
 from farcast.pipelines.fit import fit_store, resolve_target, standstill, time_axis
 from farcast.storage.store import RunStore
@@ -112,7 +109,7 @@ def _evaluate(store: RunStore, axis: TimeAxis, b: int, config: FitConfig, fc: Fo
     rows = sorted({0, b - 1, b, truth.lo, truth.hi, *line_rows, *(r for it in app for r in (it.lo, it.hi))})
     pos = {r: i for i, r in enumerate(rows)}
     row_of = fc.row()
-    line_t = torch.tensor(times[line_rows], dtype=torch.float64)
+    line_t = np.asarray(times[line_rows], dtype=np.float64)
 
     excluded = sorted(set(fc.excluded) | {n for n in store.nonfinite() if store.tensors[n].kind == "float"})
     sums = {name: dict.fromkeys(METHODS, 0.0) for name, m in store.tensors.items() if m.kind == "float" and name not in excluded}
@@ -122,7 +119,7 @@ def _evaluate(store: RunStore, axis: TimeAxis, b: int, config: FitConfig, fc: Fo
         m = store.tensors[name]
         for i in range(m.plan.n_chunks):
             lo, hi = m.plan.bounds(i)
-            v = widen(store.read(name, rows, lo, hi), m.dtype).to(torch.float64)  # (R, chunk)
+            v = widen_np(store.read(name, rows, lo, hi), m.dtype).astype(np.float64)  # (R, chunk)
             real = at(v, rows, truth)
             w0, wp, wb = v[pos[0]], v[pos[b - 1]], v[pos[b]]
             k_ = row_of[(name, i)]
@@ -134,7 +131,7 @@ def _evaluate(store: RunStore, axis: TimeAxis, b: int, config: FitConfig, fc: Fo
                 "linefit": baselines.linefit(v[[pos[r] for r in line_rows]], line_t, T),
             }
             for meth, p in preds.items():
-                sums[name][meth] += float((p - real).abs().sum())
+                sums[name][meth] += float(np.abs(p - real).sum())
             counts[name] += hi - lo
             done += 1
             if progress:

@@ -51,10 +51,11 @@ def test_fit_saves_forecasters_with_their_config(adam_store, tmp_path):
     assert meta["config"]["lam"] == FAST.lam and meta["target_step"] == 90 and meta["steps"] == store.steps
 
 
-def test_the_cpu_fit_command_never_imports_torch(adam_store, tmp_path):
-    """`farcast fit` on a machine without a GPU runs in numpy: importing torch alone costs ~3 s and ~220 MiB
-    on a small machine, more than the fit of a 300M-parameter run. Run as the command runs (a fresh
-    process) and checked there; the forecasters it saves are the ones fit_store computes here."""
+def test_the_cpu_fit_and_backtest_commands_never_import_torch(adam_store, tmp_path):
+    """`farcast fit` and `farcast backtest` on a machine without a GPU run in numpy: importing torch alone
+    costs ~3 s and ~220 MiB on a small machine, more than the fit of a 300M-parameter run. Run as the
+    commands run (a fresh process) and checked there; the forecasters fit saves are the ones fit_store
+    computes here, and the backtest's report is the one the function returns here."""
     import subprocess
     import sys
 
@@ -63,14 +64,18 @@ def test_the_cpu_fit_command_never_imports_torch(adam_store, tmp_path):
         "from farcast.flows.cli import main\n"
         f"sys.argv = ['farcast', 'fit', {str(adam_store)!r}, '--ratio', '1.5', '--out', {str(tmp_path / 'fc')!r}]\n"
         "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        f"sys.argv = ['farcast', 'backtest', {str(adam_store)!r}, '--ratio', '1.5', '--json']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
         "from farcast_core.forecaster import GPU_NODES\n"
         "import os\n"
         "gpu = any(os.path.exists(n) for n in GPU_NODES)\n"
         "print('torch' in sys.modules, gpu)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    imported, gpu_node = out[-2] == "True", out[-1] == "True"
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    imported, gpu_node = (x == "True" for x in lines[-1].split())
     assert imported == gpu_node  # a machine with a GPU device node asks torch whether it can use it
+    report = json.loads(lines[-2])
+    assert report["farcast_vs_persistence"] == pytest.approx(backtest(adam_store, None, 1.5)["farcast_vs_persistence"], rel=1e-12)
     saved, _ = load_forecasters(tmp_path / "fc" / "target_90.safetensors")
     store = RunStore.open(adam_store)
     here = fit_store(store, len(store.steps), 1.5, FitConfig(), "cpu")
