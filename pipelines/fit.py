@@ -7,7 +7,6 @@ On the CPU the fit is numpy and never imports torch; on a GPU the reduction runs
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass, replace
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 from farcast_core import timeaxis
 from farcast_core.calibration import PairPlan, backtest_row, feature_interps, plan_pairs
@@ -236,21 +234,8 @@ def fit_store(
     """Fit forecasters for ratio ``rho`` (on ``axis``) on the first ``n_rows`` committed steps of ``store``."""
     plan = plan_fit(store, n_rows, rho, config, axis)
     device = device or default_device()
-    with one_blas_thread():
-        sampled = read_sampled(store, plan.rows, config)  # once, for every batch, the inner backtest included
-        return finish(store, plan, config, _reduce_all(store, plan, config, device, progress, sampled), sampled)
-
-
-@functools.cache
-def _blas() -> ThreadpoolController:
-    return ThreadpoolController()
-
-
-def one_blas_thread():
-    """numpy's BLAS on one thread while the fit runs (a context manager). Its products are small (a
-    chunk's rows x its sample), and inside a training process BLAS's threads contend with torch's for
-    the cores: a digits jump's reduction took 6.8 ms with two threads on two cores, 3.6 ms with one."""
-    return _blas().limit(limits=1, user_api="blas")
+    sampled = read_sampled(store, plan.rows, config)  # once, for every batch, the inner backtest included
+    return finish(store, plan, config, _reduce_all(store, plan, config, device, progress, sampled), sampled)
 
 
 def _reduce_all(store: RunStore, plan: FitPlan, config: FitConfig, device,

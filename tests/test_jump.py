@@ -31,6 +31,28 @@ def test_forecast_of_a_linear_trajectory_is_exact(tmp_path, history):
         assert (tmp_path / "history" / "zarr.json").is_file()
 
 
+def test_a_jumps_fit_runs_with_numpys_blas_on_one_thread_and_restores_it(monkeypatch):
+    """In a training process BLAS's threads contend with torch's: a jump fits with numpy's BLAS on one
+    thread (threadpoolctl) and gives the setting back afterwards."""
+    from threadpoolctl import ThreadpoolController
+
+    import farcast.pipelines.jump as J
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in ThreadpoolController().info() if lib["user_api"] == "blas"]
+
+    fit_store, during = J.fit_store, []
+    monkeypatch.setattr(J, "fit_store", lambda *a, **k: during.append(blas_threads()) or fit_store(*a, **k))
+    before = blas_threads()
+    j = Jumper(JumpConfig(ratio=2.0))
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 7, generator=g), torch.randn(300, 7, generator=g)
+    for s in range(0, 51, 10):
+        j.record(s, {"w": a + b * s})
+    j.forecast()
+    assert before and during == [[1] * len(before)] and blas_threads() == before
+
+
 def test_memory_and_disk_histories_give_the_same_jumps(tmp_path):
     """The in-memory history (numpy) stands in for the Zarr store: the same records, forecasts and jumps,
     bit for bit, on a real training loop (and "auto" picks memory for a model this small)."""
