@@ -35,13 +35,24 @@ GPU_NODES = ("/dev/nvidiactl", "/dev/kfd")
 
 
 def default_device():
-    """torch.device("cuda") where torch sees a GPU, else "cpu" (numpy). torch is imported to ask only
-    where it is loaded already or a GPU device node exists."""
-    if "torch" not in sys.modules and not any(os.path.exists(n) for n in GPU_NODES):
+    """The environment's FARCAST_DEVICE ("cpu" or "cuda") where set, else torch.device("cuda") where
+    torch sees a GPU, else "cpu" (numpy). torch is imported to ask only where it is loaded already or
+    a GPU device node exists. FARCAST_DEVICE=cpu keeps a fit off a GPU that is busy training."""
+    from farcast_core.errors import ForecastError
+
+    asked = os.environ.get("FARCAST_DEVICE", "").strip().lower()
+    if asked not in ("", "cpu", "cuda"):
+        raise ForecastError(f"FARCAST_DEVICE is {asked!r}; set it to cpu or cuda, or unset it to use a GPU when there is one")
+    if asked == "cpu" or (not asked and "torch" not in sys.modules and not any(os.path.exists(n) for n in GPU_NODES)):
         return "cpu"
     import torch
 
-    return torch.device("cuda") if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if asked:
+        raise ForecastError("FARCAST_DEVICE is cuda but torch sees no CUDA device (a CPU build of torch, or no driver); "
+                            "unset it to fit on the CPU")
+    return "cpu"
 
 
 def on_cpu(device) -> bool:

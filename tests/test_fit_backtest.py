@@ -82,6 +82,27 @@ def test_the_cpu_fit_and_backtest_commands_never_import_torch(adam_store, tmp_pa
     assert np.array_equal(saved.A, here.A) and np.array_equal(saved.b, here.b) and saved.A.dtype == np.float64
 
 
+def test_farcast_device_chooses_the_fit_device(monkeypatch):
+    """FARCAST_DEVICE=cpu keeps the fit on the CPU even where a GPU device node exists (a GPU busy training);
+    a value that is not cpu or cuda, or cuda where torch sees no CUDA device, is a clear error."""
+    import farcast_core.forecaster as FC
+
+    monkeypatch.setattr(FC, "GPU_NODES", ("/",))  # a device node that exists
+    monkeypatch.setenv("FARCAST_DEVICE", "cpu")
+    assert FC.default_device() == "cpu"
+    monkeypatch.setenv("FARCAST_DEVICE", "gpu0")
+    with pytest.raises(ForecastError, match="FARCAST_DEVICE is 'gpu0'; set it to cpu or cuda"):
+        FC.default_device()
+    monkeypatch.setenv("FARCAST_DEVICE", "cuda")
+    if torch.cuda.is_available():
+        assert FC.default_device() == torch.device("cuda")
+    else:
+        with pytest.raises(ForecastError, match="torch sees no CUDA device"):
+            FC.default_device()
+    monkeypatch.delenv("FARCAST_DEVICE")
+    assert FC.default_device() == (torch.device("cuda") if torch.cuda.is_available() else "cpu")
+
+
 def test_fit_is_deterministic_and_batching_does_not_change_it(adam_store):
     store = RunStore.open(adam_store)
     n = len(store.steps)
