@@ -111,6 +111,7 @@ class JumpRecord:
     loss_after: float | None = None
     fraction: float = 1.0  # of the forecast jump taken (the guard may shorten it)
     seconds: float = 0.0  # fit + forecast + guard
+    forecast_seconds: float = 0.0  # of which the fit and the forecast of the weights (the rest: the guard, the policy)
     reason: str = ""
 
 
@@ -244,6 +245,7 @@ class Jumper:
         except ForecastError as e:
             rec.reason, rec.seconds = str(e), time.perf_counter() - t
             return None
+        rec.forecast_seconds = time.perf_counter() - t
         rec.target = target
         params = self.params(model)
         old = {n: p.detach().clone() for n, p in params.items()}
