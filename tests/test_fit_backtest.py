@@ -246,13 +246,16 @@ def test_the_gpus_float32_reduction_agrees_with_float64_on_the_cpu(adam_store, m
     regulariser's kink, up to 12% of its step on bench/forecast_quality.py's runs)."""
     import farcast.pipelines.fit as F
     from farcast_core.calibration import feature_interps
-    from farcast_core.forecaster import forecast_rows
+    from farcast_core.forecaster import KappaRows, forecast_rows
 
     store = RunStore.open(adam_store)
     n = len(store.steps)
     fits = {}
     fits[torch.float64] = fit_store(store, n, 1.5, FitConfig(), "cpu")
+    # as on a GPU: the rows reduced as float32 tensors, and the refinement's kappa rows kept as tensors
+    # (on the CPU they would become numpy), so the torch branches run end to end
     monkeypatch.setattr(F, "_on_device", lambda W, mask, device: (torch.from_numpy(W).float(), torch.from_numpy(mask)))
+    monkeypatch.setattr(KappaRows, "of", classmethod(lambda cls, M: cls(M.X, M.Y, M.mask, M.Xa, M.app_mask)))
     fits[torch.float32] = fit_store(store, n, 1.5, FitConfig(), "cpu")
     f64, f32 = fits[torch.float64], fits[torch.float32]
     assert not np.array_equal(f64.A, f32.A)  # the float32 path did run
