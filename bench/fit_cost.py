@@ -16,7 +16,7 @@ machine. Printed: fit / ingest (goal <= 0.1x) and the split.
 
 Then the same two stages as a user runs them, `farcast ingest RUN --store S` and `farcast fit S ...`,
 timed whole (Python's start, the imports, the work) with each command's peak RSS: on the CPU the fit
-does not import torch (~3 s and ~200 MiB on this machine), so the command costs its imports
+does not import torch (~3 s and ~220 MiB on this machine), so the command costs its imports
 (zarr, numpy, safetensors: ~0.8 s) plus the fit.
 
     python bench/fit_cost.py [--no-big] [--device cpu|cuda|auto] [--work DIR] [--repeat N]
@@ -30,6 +30,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from statistics import median
 from pathlib import Path
@@ -166,13 +167,15 @@ def timed_fit(store: Path, out: Path, target: int | None, ratio: float | None, d
 def timed_command(args: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of one farcast command, run whole as a user runs it."""
     exe = str(Path(sys.executable).parent / "farcast")
-    t = time.perf_counter()
-    p = subprocess.Popen([exe, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
-    _, status, usage = os.wait4(p.pid, 0)
-    seconds = time.perf_counter() - t
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode:
-        raise SystemExit(f"farcast {' '.join(args)} failed: {p.stderr.read().decode()}")
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: wait4 must not wait on a child blocked writing
+        t = time.perf_counter()
+        p = subprocess.Popen([exe, *args], stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+        _, status, usage = os.wait4(p.pid, 0)
+        seconds = time.perf_counter() - t
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode:
+            err.seek(0)
+            raise SystemExit(f"farcast {' '.join(args)} failed: {err.read().decode()}")
     return seconds, usage.ru_maxrss / 1024
 
 

@@ -153,7 +153,7 @@ def backtest_row(times: np.ndarray, rho: float) -> int:
 
 def at(values, rows: Sequence[int], it: Interp):
     """Value at one Interp from ``values`` (R, P), numpy or a tensor, whose i-th row is stored row
-    ``rows[i]``: torch.lerp's formula (exact at both ends), so both libraries give the same values."""
+    ``rows[i]``, by the formula torch.lerp uses (exact at both ends) in either library."""
     pos = {r: i for i, r in enumerate(rows)}
     lo = values[pos[it.lo]]
     if it.w == 0.0:

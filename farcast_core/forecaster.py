@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from farcast_core.config import FitConfig  # noqa: F401  (re-exported: where the fit's settings are used)
+from farcast_core.errors import ForecastError
 
 if TYPE_CHECKING:
     import torch
@@ -38,8 +39,6 @@ def default_device():
     """The environment's FARCAST_DEVICE ("cpu" or "cuda") where set, else torch.device("cuda") where
     torch sees a GPU, else "cpu" (numpy). torch is imported to ask only where it is loaded already or
     a GPU device node exists. FARCAST_DEVICE=cpu keeps a fit off a GPU that is busy training."""
-    from farcast_core.errors import ForecastError
-
     asked = os.environ.get("FARCAST_DEVICE", "").strip().lower()
     if asked not in ("", "cpu", "cuda"):
         raise ForecastError(f"FARCAST_DEVICE is {asked!r}; set it to cpu or cuda, or unset it to use a GPU when there is one")
@@ -178,7 +177,7 @@ class Moments:
 def _ridge(like, D: int):
     # a tiny ridge keeps degenerate chunks (constant ones) solvable; in float32, as on a GPU, 1e-8 of
     # the diagonal is below rounding, so the ridge is 100 ulps there
-    return _asarray(max(1e-8, 100 * np.finfo(str(like.dtype).removeprefix("torch.")).eps) * np.eye(D), like)
+    return _asarray(max(1e-8, 100 * _lib(like).finfo(like.dtype).eps) * np.eye(D), like)
 
 
 def reduce_values(W, mask, coefs, cut_weights=()) -> Moments:

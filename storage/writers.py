@@ -9,6 +9,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from farcast_core.errors import StoreError
 from farcast.storage.lock import pid_alive
 
@@ -27,8 +29,6 @@ def naming(path: Path):
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write a safetensors file atomically: readers see the old file or the whole new one. ``tensors``:
     torch tensors, or numpy arrays (written without importing torch)."""
-    import numpy as np
-
     if all(isinstance(v, np.ndarray) for v in tensors.values()):
         from safetensors.numpy import save_file
 
