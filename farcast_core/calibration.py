@@ -70,22 +70,30 @@ def interp_weights(interps: Sequence[Interp], rows: Sequence[int]) -> np.ndarray
 
 def interp_at(times: np.ndarray, t: float) -> Interp:
     """How to get the value at time ``t`` from the rows around it (``t`` within the run)."""
+    return interp_many(times, [t])[0]
+
+
+def interp_many(times: np.ndarray, ts: Sequence[float]) -> list[Interp]:
+    """``interp_at`` for each of ``ts``, in one pass of array operations (a plan asks for dozens)."""
+    times = np.asarray(times, dtype=np.float64)
+    ts = np.asarray(ts, dtype=np.float64)
     n = len(times) - 1
-    if t > times[-1] + EPS * max(1.0, abs(times[-1])) or t < times[0]:
-        raise ValueError(f"time {t} outside the observed {times[0]}..{times[-1]}")
-    hi = int(np.searchsorted(times, t - EPS * max(1.0, abs(t)), side="left"))
-    hi = min(max(hi, 0), n)
-    if abs(times[hi] - t) <= EPS * max(1.0, abs(t)):
-        return Interp(hi, hi, 0.0)
-    lo = hi - 1
-    w = (t - times[lo]) / (times[hi] - times[lo])
-    return Interp(lo, hi, float(w))
+    tol = EPS * np.maximum(1.0, np.abs(ts))
+    bad = (ts > times[-1] + EPS * max(1.0, abs(times[-1]))) | (ts < times[0])
+    if bad.any():
+        raise ValueError(f"time {ts[bad][0]} outside the observed {times[0]}..{times[-1]}")
+    hi = np.clip(np.searchsorted(times, ts - tol, side="left"), 0, n)
+    exact = np.abs(times[hi] - ts) <= tol
+    lo = np.where(exact, hi, hi - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # the exact ones' w is 0
+        w = np.where(exact, 0.0, (ts - times[lo]) / (times[hi] - times[lo]))
+    return [Interp(a, b, c) for a, b, c in zip(lo.tolist(), hi.tolist(), w.tolist())]
 
 
 def feature_interps(times: Sequence[float], feature_ratios: Sequence[float]) -> tuple[Interp, ...]:
     """The features at the newest time: values at t_0 + g (t_n - t_0) for each feature ratio g."""
     times = np.asarray(times, dtype=np.float64)
-    return tuple(interp_at(times, min(times[0] + g * (times[-1] - times[0]), times[-1])) for g in feature_ratios)
+    return tuple(interp_many(times, [min(times[0] + g * (times[-1] - times[0]), times[-1]) for g in feature_ratios]))
 
 
 def max_ratio(times: Sequence[float]) -> float:
@@ -133,11 +141,12 @@ def plan_pairs(
     if any(not 0.0 <= g <= 1.0 for g in fr):
         raise ForecastError(f"extra feature times must be fractions in [0, 1] of the way to the cut, got {extra_features}")
 
-    def at(t):
-        return interp_at(times, min(t, tn))
-
-    features = tuple(tuple(at(t0 + g * (times[c] - t0)) for g in fr) for c in cuts)
-    targets = tuple(tuple(at(t0 + r * (times[c] - t0)) for r in ratios) for c in cuts)
+    # every feature's and target's time, as interp_at would be asked for them one by one
+    tc = times[list(cuts)] - t0
+    f_at = interp_many(times, [min(t0 + g * d, tn) for d in tc.tolist() for g in fr])
+    g_at = interp_many(times, [min(t0 + r * d, tn) for d in tc.tolist() for r in ratios])
+    features = tuple(tuple(f_at[i * len(fr) : (i + 1) * len(fr)]) for i in range(len(cuts)))
+    targets = tuple(tuple(g_at[i * len(ratios) : (i + 1) * len(ratios)]) for i in range(len(cuts)))
     app = feature_interps(times, fr)
     w = (times[list(cuts)] - t0) ** recency
     return PairPlan(float(rho), ratios, fr, cuts, features, targets, app, tuple(float(x) for x in w / w.mean()))

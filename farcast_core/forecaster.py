@@ -200,28 +200,43 @@ def reduce_many(W, mask, problems) -> list[Moments]:
     """``reduce_values`` for several fitting problems on the same rows: ``problems`` is a list of
     (coefs, cut_weights), each coefs over all R rows of W (PairPlan.coefficients(rows)). V and its
     second moment, the one pass over the values, are shared. The reference row is W's last (any row
-    gives the same moments: every feature weighs the rows with weights summing to one)."""
+    gives the same moments: every feature weighs the rows with weights summing to one).
+
+    V = [w - w_newest (R rows), w_newest, 1] is formed run by run of alike chunks (plan_fit sorts a
+    batch by size) over their real columns only: a batch's padding (a bias of 10 values padded to a
+    sample of 1024) costs nothing. From each run: its rows of S = mean V V' and its chunks' kappa
+    subsets (every q-th parameter, q from the chunk's own size, so the subset does not depend on
+    how chunks are batched), zero-padded to the longest."""
     K, R = W.shape[:2]
     sizes = [int(n) for n in mask.sum(-1).tolist()]
-    # V = [w - w_newest (R rows), w_newest, 1] per parameter, written in place (values relative to the
-    # newest row are small and exact); W is zero outside the mask, and so is V
-    V = _zeros(W, K, R + 2, W.shape[2])
-    _lib(W).subtract(W, W[:, -1:, :], out=V[:, :R])
-    V[:, R], V[:, R + 1] = W[:, -1], mask
-    S = V @ V.swapaxes(-1, -2) / _asarray([max(n, 1) for n in sizes], V)[:, None, None]  # (K, R+2, R+2)
-    return [_moments(V, S, sizes, coefs, cut_weights) for coefs, cut_weights in problems]
+    cuts = sorted({len(coefs[0]) for coefs, _ in problems})
+    # the subsets' strides: one over the parameters for the forecast's steps, one per cut count for the pairs
+    strides = {0: [max(1, -(-p // KAPPA_ROWS)) for p in sizes],
+               **{C: [max(1, -(-C * p // KAPPA_ROWS)) for p in sizes] for C in cuts}}
+    subsets = {c: _zeros(W, K, R + 2, max(1, max(-(-n // q) for n, q in zip(sizes, st)))) for c, st in strides.items()}
+    S = _zeros(W, K, R + 2, R + 2)
+    k = 0
+    for n, run in itertools.groupby(sizes):
+        e = k + len(list(run))
+        V = _zeros(W, e - k, R + 2, n)
+        _lib(W).subtract(W[k:e, :, :n], W[k:e, -1:, :n], out=V[:, :R])  # small and exact: relative to the newest
+        V[:, R], V[:, R + 1] = W[k:e, -1, :n], 1.0
+        S[k:e] = V @ V.swapaxes(-1, -2)
+        for c, st in strides.items():
+            q = st[k]
+            subsets[c][k:e, :, : -(-n // q)] = V[:, :, ::q]
+        k = e
+    S /= _asarray([max(n, 1) for n in sizes], S)[:, None, None]  # (K, R+2, R+2)
+    return [_moments(S, subsets[len(coefs[0])], subsets[0], coefs, cut_weights) for coefs, cut_weights in problems]
 
 
-def _moments(V, S, sizes: list[int], coefs, cut_weights) -> Moments:
-    """One problem's Moments from the batch's V (K, R+2, P) and S = mean V V' (``reduce_many``)."""
-    Fc, Tg, Ap = (_asarray(c, V) for c in coefs)
+def _moments(S, Vs, Va, coefs, cut_weights) -> Moments:
+    """One problem's Moments from the batch's S = mean V V' (K, R+2, R+2) and V's kappa subsets (K, R+2, .)
+    for the pairs (Vs) and for the forecast's steps (Va) (``reduce_many``)."""
+    Fc, Tg, Ap = (_asarray(c, S) for c in coefs)
     C, F, R = Fc.shape
     m = Tg.shape[1]
-    K = V.shape[0]
-    # a subset of rows for kappa: every q-th parameter of a chunk (q from its own size, so the subset
-    # does not depend on how chunks are batched), in every cut
-    Vs, Va = _every(V, sizes, [max(1, -(-C * p // KAPPA_ROWS)) for p in sizes]), _every(
-        V, sizes, [max(1, -(-p // KAPPA_ROWS)) for p in sizes])
+    K = S.shape[0]
     in_s = Vs[:, -1] > 0  # (K, Ps) the subset's real parameters (V's last row is the mask)
     # normalisers: mean |f_k - w_c| and mean |w_c| over all cuts, on the subset's parameters (they only
     # set the units of the problem; a pass over every row cost a third of the reduction)
@@ -235,7 +250,7 @@ def _moments(V, S, sizes: list[int], coefs, cut_weights) -> Moments:
 
     def design(lin_rel, lin_wc):  # row weights (.., F-1, R), (.., R) -> (K, .., D, R+2) maps of V to x
         shape = lin_rel.shape[:-2]
-        T = _zeros(V, K, *shape, D, R + 2)
+        T = _zeros(S, K, *shape, D, R + 2)
         T[..., : F - 1, :R] = lin_rel / s_rel.reshape(K, *(1,) * len(shape), F - 1, 1)
         T[..., F - 1, :R] = lin_wc / s_wc.reshape(K, *(1,) * len(shape), 1)
         T[..., F - 1, R] = 1.0 / s_wc.reshape(K, *(1,) * len(shape))
@@ -243,38 +258,24 @@ def _moments(V, S, sizes: list[int], coefs, cut_weights) -> Moments:
         return T
 
     T = design(rel_c, Fc[:, -1, :])  # (K, C, D, R+2)
-    U = _zeros(V, K, C, m, R + 2)
+    U = _zeros(S, K, C, m, R + 2)
     U[..., :R] = (Tg - Fc[:, -1:, :]) / s_y.reshape(K, 1, 1, 1)  # (y - w_c) / s_y
     Z = _cat([T, U], 2)  # (K, C, D+m, R+2)
     per_cut = Z @ S[:, None] @ Z.swapaxes(-1, -2)  # (K, C, D+m, D+m)
     if len(cut_weights):
-        per_cut = per_cut * _asarray(cut_weights, V).reshape(1, C, 1, 1)
+        per_cut = per_cut * _asarray(cut_weights, S).reshape(1, C, 1, 1)
     Mbar = per_cut.mean(1)  # (K, D+m, D+m)
     G, H, YY = Mbar[:, :D, :D], Mbar[:, :D, D:], Mbar[:, D:, D:]
-    P0 = _lib(V).linalg.solve(G + _ridge(G, D), H)
+    P0 = _lib(S).linalg.solve(G + _ridge(G, D), H)
     mse0 = ((G @ P0) * P0).sum(-2) - 2 * (H * P0).sum(-2) + YY.diagonal(0, -2, -1)
     mse0[mse0 < 0] = 0
     Ta = design(Ap[:-1] - Ap[-1:], Ap[-1])  # (K, D, R+2)
     Ga = Ta @ S @ Ta.swapaxes(-1, -2)
     XYs = (Z @ Vs[:, None]).swapaxes(-1, -2).reshape(K, -1, D + m)  # (K, C * Ps, D + m), cut-major
     Xs, Ys = XYs[..., :D], XYs[..., D:]
-    ms = _lib(V).tile(in_s, (1, C))
+    ms = _lib(S).tile(in_s, (1, C))
     Xas = (Ta @ Va).swapaxes(-1, -2)
     return Moments(G, P0, mse0, Ga, _cat([s_rel, s_wc, s_y], -1), Xs, Ys, ms, Xas, Va[:, -1] > 0)
-
-
-def _every(V, sizes: list[int], steps: list[int]):
-    """Columns 0, q, 2q, ... of each V[k] (its first sizes[k] columns, q = steps[k]), zero-padded.
-    As strided slices of runs of alike chunks (plan_fit sorts a batch by size, so there are few):
-    a gather with a (K, rows, width) index cost 4-5x as much."""
-    counts = [-(-n // q) for n, q in zip(sizes, steps)]
-    out = _zeros(V, V.shape[0], V.shape[1], max(1, max(counts)))
-    k = 0
-    for (n, q), run in itertools.groupby(zip(sizes, steps)):
-        e = k + len(list(run))
-        out[k:e, :, : -(-n // q)] = V[k:e, :, :n:q]
-        k = e
-    return out
 
 
 def _kappa(z, mask, work=None) -> np.ndarray:
@@ -514,7 +515,8 @@ def forecast_rows(A, b, interps, rows, values, dtype=None):
     what backtest, emit and jumps all compute.
 
     A (F, m), b (m,): the chunk's forecaster; ``interps``: how each feature is read from the rows
-    (``calibration.feature_interps``); ``values`` (len(rows), P), numpy or a tensor: the chunk at
+    (``calibration.feature_interps``), or their ``interp_weights`` on ``rows`` when the caller computed
+    them once for many chunks; ``values`` (len(rows), P), numpy or a tensor: the chunk at
     ``rows``. Each feature is a weighted sum of rows, so the forecast is one weighted sum of rows: the
     weights are folded in float64, then applied in ``dtype`` (values' library; default float64;
     float32 is exact enough for float32-and-narrower weights and twice as fast). Equals ``apply`` on
@@ -523,7 +525,8 @@ def forecast_rows(A, b, interps, rows, values, dtype=None):
     """
     from farcast_core.calibration import interp_weights
 
-    w = numpy64(A[..., -1]) @ interp_weights(interps, rows)  # (.., len(rows))
+    iw = interps if isinstance(interps, np.ndarray) else interp_weights(interps, rows)
+    w = numpy64(A[..., -1]) @ iw  # (.., len(rows))
     if not _is_tensor(values):
         dt = dtype or np.float64
         return (w.astype(dt)[..., None, :] @ values.astype(dt, copy=False))[..., 0, :] + numpy64(b[..., -1:]).astype(dt)

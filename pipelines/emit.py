@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from farcast_core.calibration import feature_interps
+from farcast_core.calibration import feature_interps, interp_weights
 from farcast_core.dtypes import DTYPES, from_storage, nonfinite, to_storage, widen
 from farcast_core.errors import ForecastError
 from farcast_core.config import EmitConfig, FitConfig
@@ -216,6 +216,7 @@ class TargetChunks:
         times = fc.times if fc.times is not None else store.steps
         self.app = feature_interps(np.array(times, dtype=np.float64), fc.feature_ratios)
         self.rows = sorted({r for it in self.app for r in (it.lo, it.hi)})
+        self.weights = interp_weights(self.app, self.rows)  # the features as weights on the rows, for every chunk
         self.last = len(store.steps) - 1
         self.row_of = fc.row()
         forecast = {name for name, _ in self.row_of}
@@ -241,15 +242,21 @@ class TargetChunks:
                                     "nothing was written. Pass --nonfinite last-finite, or mend the run")
             return values
         # float32 arithmetic is exact enough for float32-and-narrower weights and twice as fast
-        dt = torch.float64 if m.dtype == "float64" else torch.float32
-        v = widen(self.store.read(m.name, self.rows, lo, hi), m.dtype)
-        y = forecast_rows(self.fc.A[k], self.fc.b[k], self.app, self.rows, v, dt).to(DTYPES[m.dtype].torch)
-        if not torch.isfinite(y.to(torch.float64) if y.dtype.itemsize == 1 else y).all():
+        stored = self.store.read(m.name, self.rows, lo, hi)
+        if m.dtype in ("float32", "float64"):  # in numpy (a few microseconds per operation where torch's cost tens)
+            y = forecast_rows(self.fc.A[k], self.fc.b[k], self.weights, self.rows, stored, stored.dtype)
+            finite = np.isfinite(y).all()
+        else:  # narrower: torch rounds float32 to the stored dtype
+            v = widen(stored, m.dtype)
+            y = forecast_rows(self.fc.A[k], self.fc.b[k], self.weights, self.rows, v, torch.float32)
+            y = y.to(DTYPES[m.dtype].torch)
+            finite = torch.isfinite(y.to(torch.float64) if y.dtype.itemsize == 1 else y).all()
+        if not finite:
             raise ForecastError(
                 f"tensor '{m.name}': the forecast has NaN/Inf (values {lo}..{hi}, {m.dtype}); nothing was written. "
                 "Ask for a nearer target, or check this tensor's history"
             )
-        return to_storage(y)
+        return y if isinstance(y, np.ndarray) else to_storage(y)
 
     def chunks(self, m: TensorMeta) -> Iterator[np.ndarray]:
         return (self.chunk(m, i) for i in range(m.plan.n_chunks))
@@ -270,8 +277,8 @@ class TargetChunks:
                 yield name, fut.result()
 
     def tensor(self, m: TensorMeta) -> torch.Tensor:
-        parts = [from_storage(c, m.dtype) for c in self.chunks(m)]
-        return torch.cat(parts).reshape(m.shape).clone()
+        parts = list(self.chunks(m))
+        return from_storage(parts[0] if len(parts) == 1 else np.concatenate(parts), m.dtype).reshape(m.shape)
 
 
 def copy_rows(store: RunStore, not_forecast: set[str], policy: str = "refuse") -> dict[str, int]:

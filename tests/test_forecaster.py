@@ -392,17 +392,72 @@ def test_shrunk_forecasters_move_alpha_of_the_way_at_every_horizon():
     assert s.shrink == {"alpha": 0.3, "chosen": "stated"} and fc.shrink is None and torch.equal(fc.A, A)
 
 
-def test_every_takes_each_chunks_strided_columns_in_any_order():
-    """_every (the kappa subsets) equals the column-by-column definition, with chunks of several sizes
-    and strides in no particular order (runs of alike chunks are sliced together)."""
-    from farcast_core.forecaster import _every
+def test_a_batch_of_mixed_chunks_in_any_order_reduces_as_each_chunk_alone():
+    """reduce_many forms V run by run of alike chunks over their real columns, and takes each chunk's
+    kappa subsets (every q-th parameter, q from its own size) there: in a batch of chunks of several
+    sizes in no particular order (strides above 1 included), each chunk's moments and kappa rows are
+    those of the chunk reduced alone, unpadded."""
+    from farcast_core.forecaster import KAPPA_ROWS, reduce_many
 
     g = torch.Generator().manual_seed(0)
-    V = torch.randn(7, 3, 50, generator=g, dtype=torch.float64)
-    sizes, steps = [50, 50, 9, 50, 1, 9, 9], [4, 4, 1, 3, 1, 1, 2]
-    got = _every(V, sizes, steps)
-    ref = torch.zeros(7, 3, max(-(-n // q) for n, q in zip(sizes, steps)), dtype=torch.float64)
-    for k, (n, q) in enumerate(zip(sizes, steps)):
-        for j, col in enumerate(range(0, n, q)):
-            ref[k, :, j] = V[k, :, col]
-    assert torch.equal(got, ref)
+    plan = plan_pairs(T, 2.0, 4, 8, (0.5, 0.8), recency=2.0)
+    R, C = len(plan.rows), len(plan.cuts)
+    sizes = [1500, 1500, 9, 700, 1, 9, 9]
+    assert -(-C * 700 // KAPPA_ROWS) > 1 and -(-1500 // KAPPA_ROWS) > 1  # strided subsets, both kinds
+    chunks = [torch.cumsum(torch.randn(R, n, generator=g, dtype=torch.float64), 0) + k for k, n in enumerate(sizes)]
+    batch = torch.zeros(len(sizes), R, max(sizes), dtype=torch.float64)
+    mask = torch.zeros(len(sizes), max(sizes), dtype=torch.bool)
+    for k, c in enumerate(chunks):
+        batch[k, :, : c.shape[1]], mask[k, : c.shape[1]] = c, True
+    problems = [(plan.coefficients(), plan.cut_weights)]
+    (M,) = reduce_many(batch, mask, problems)
+    for k, c in enumerate(chunks):
+        (alone,) = reduce_many(c[None], torch.ones(1, c.shape[1], dtype=torch.bool), problems)
+        for name, tol in (("G", 1e-12), ("Ga", 1e-12), ("scale", 1e-12), ("P0", 1e-7), ("mse0", 1e-6)):
+            # relative to the largest entry (P0 of the one-parameter chunk rests on the ridge: 7e-9)
+            got, ref = getattr(M, name)[k], getattr(alone, name)[0]
+            assert (got - ref).abs().max() <= tol * ref.abs().max(), name
+        ps, pa = alone.X.shape[1] // C, alone.Xa.shape[1]  # the chunk's subset sizes; the batch pads them
+        for name, n, width in (("X", ps, M.X.shape[1] // C), ("Y", ps, M.Y.shape[1] // C)):
+            got = getattr(M, name)[k].reshape(C, width, -1)
+            assert torch.allclose(got[:, :n], getattr(alone, name)[0].reshape(C, n, -1), rtol=1e-9, atol=1e-12), name
+            assert not got[:, n:].any()
+        assert torch.allclose(M.Xa[k, :pa], alone.Xa[0], rtol=1e-9, atol=1e-12) and not M.Xa[k, pa:].any()
+        assert int(M.mask[k].sum()) == int(alone.mask[0].sum()) and int(M.app_mask[k].sum()) == pa
+        assert pa == -(-c.shape[1] // -(-c.shape[1] // KAPPA_ROWS))  # every q-th parameter
+
+
+
+
+def _interp_one(times, t):
+    """interp_at as it was written for one time (the reference for the vectorised interp_many)."""
+    from farcast_core.calibration import EPS, Interp
+
+    n = len(times) - 1
+    if t > times[-1] + EPS * max(1.0, abs(times[-1])) or t < times[0]:
+        raise ValueError("outside")
+    hi = min(max(int(np.searchsorted(times, t - EPS * max(1.0, abs(t)), side="left")), 0), n)
+    if abs(times[hi] - t) <= EPS * max(1.0, abs(t)):
+        return Interp(hi, hi, 0.0)
+    return Interp(hi - 1, hi, float((t - times[hi - 1]) / (times[hi] - times[hi - 1])))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(1e-3, 1e3), min_size=2, max_size=30), st.floats(0, 1e4),
+       st.lists(st.floats(-0.1, 1.1), min_size=1, max_size=20), st.data())
+def test_interp_many_is_interp_at_one_time_at_a_time(gaps, t0, fractions, data):
+    """The plan's interpolations, asked for all at once, are those of one time at a time: at, between
+    and just beside the stored times, and outside the run (an error)."""
+    from farcast_core.calibration import interp_many
+
+    times = t0 + np.concatenate([[0.0], np.cumsum(gaps)])
+    ts = [times[0] + f * (times[-1] - times[0]) for f in fractions]
+    ts += [float(times[i]) * (1 + data.draw(st.sampled_from([0.0, 1e-12, -1e-12]))) for i in
+           data.draw(st.lists(st.integers(0, len(times) - 1), max_size=5))]
+    try:
+        want = [_interp_one(times, t) for t in ts]
+    except ValueError:
+        with pytest.raises(ValueError):
+            interp_many(times, ts)
+        return
+    assert interp_many(times, ts) == want
