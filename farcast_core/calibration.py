@@ -44,9 +44,10 @@ class PairPlan:
         superset that a caller reads for several plans): (features (C, F, R), targets (C, m, R),
         newest features (F, R)), C cuts, R = len(rows)."""
         rows = self.rows if rows is None else rows
-        return (np.array([interp_weights(f, rows) for f in self.features]),
-                np.array([interp_weights(g, rows) for g in self.targets]),
-                interp_weights(self.app_features, rows))
+        C, F, m = len(self.features), len(self.app_features), len(self.targets[0])
+        w = interp_weights([it for group in (*self.features, *self.targets) for it in group] + list(self.app_features),
+                           rows)  # one matrix for all: (C F + C m + F, R)
+        return w[: C * F].reshape(C, F, -1), w[C * F : C * (F + m)].reshape(C, m, -1), w[C * (F + m) :]
 
     @property
     def rows(self) -> list[int]:

@@ -115,7 +115,7 @@ class BatchFit:
 
     A: np.ndarray  # (K, F, m) float64
     b: np.ndarray  # (K, m)
-    loss: np.ndarray = field(default=None)  # (K,) final objective in normalised units
+    loss: np.ndarray | None = field(default=None)  # (K,) final objective in normalised units (None: not refined)
 
 
 # Rows of each chunk kept after the reduction, to re-measure the shape of the residuals (kappa)
@@ -151,6 +151,8 @@ class Moments:
     @staticmethod
     def cat(parts: list["Moments"]) -> "Moments":
         """One batch from several (subsets padded to the longest)."""
+        if len(parts) == 1:
+            return parts[0]
         def pad(ts, n):
             out = _zeros(ts[0], sum(t.shape[0] for t in ts), n, *ts[0].shape[2:])
             k = 0
@@ -480,11 +482,13 @@ def solve(M: Moments, ratios, config: FitConfig) -> BatchFit:
     r = numpy64(ratios)  # (m,) shared, or (K, m): each chunk's own horizons
     t = np.concatenate([np.ones(r.shape[:-1] + (1,)), r], -1)  # ratio 1 is w_c
     dt = t[..., 1:] - t[..., :-1]
-    rows = KappaRows.of(M)
-    kappa, kappa_a = rows.measure(P)
-    best_loss, g = objective(P, cpu, kappa, kappa_a, dt, config.lam)
-    moving = np.flatnonzero((g != 0).any((-2, -1)))  # the others are their own best iterate: P0
-    if moving.size and config.iters:
+    best_loss = None  # iters=0: the least-squares forecasters, nothing measured
+    if config.iters:
+        rows = KappaRows.of(M)
+        kappa, kappa_a = rows.measure(P)
+        best_loss, g = objective(P, cpu, kappa, kappa_a, dt, config.lam)
+        moving = np.flatnonzero((g != 0).any((-2, -1)))  # the others are their own best iterate: P0
+    if config.iters and moving.size:
         P[moving], best_loss[moving] = _refine(rows.take(moving), {k: v[moving] for k, v in cpu.items()}, P[moving],
                                                (kappa[moving], kappa_a[moving]), dt[moving] if dt.ndim > 1 else dt,
                                                config)

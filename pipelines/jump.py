@@ -74,8 +74,11 @@ class JumpConfig:
     backtrack: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)  # fractions of the jump the guard tries, in order
     # jumps are frequent: a lighter fit than the pipeline's (bench/steps_saved.py measured the same jumps).
     # No shrinkage: the guard's backtracking already chooses how far along the forecast to go, by the
-    # training loss; with shrink="auto" digits SGD reached the plain loss at 1.05x instead of 1.88x
-    fit: FitConfig = field(default_factory=lambda: FitConfig(sample=1024, iters=50, shrink=1.0))
+    # training loss; with shrink="auto" digits SGD reached the plain loss at 1.05x instead of 1.88x.
+    # No Adam refinement (the least-squares forecaster): over 4 seeds of digits SGD / Adam it reached
+    # the plain loss in the same steps (mean 1.88x / 2.84x against 1.90x / 2.87x with 50 iterations),
+    # the GPT-2 runs likewise, and the 50 iterations were most of a digits jump's cost (3 of ~7 ms)
+    fit: FitConfig = field(default_factory=lambda: FitConfig(sample=1024, iters=0, shrink=1.0))
     memory_budget_mb: int = 64  # chunking of the history store
     # where the recorded weights live: "disk" (a local Zarr store: the history never has to fit in memory),
     # "memory" (numpy arrays: a record is a copy, ~1 ms per Zarr call saved), or "auto": memory for a model
@@ -128,6 +131,7 @@ class Jumper:
         self.jumps: list[JumpRecord] = []
         self.real_steps = 0
         self._last_jump_real = 0
+        _blas()  # finding the process's BLAS libraries takes 10-25 ms: once, here, rather than in the first jump
 
     # ------------------------------------------------------------ recording
 
@@ -319,7 +323,7 @@ class Jumper:
 def _blas():
     from threadpoolctl import ThreadpoolController
 
-    return ThreadpoolController()  # ~25 ms, once per process
+    return ThreadpoolController()  # 10-25 ms, once per process
 
 
 def one_blas_thread():
