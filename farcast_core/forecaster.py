@@ -142,11 +142,12 @@ class Moments:
     mse0: np.ndarray  # (K, m) mean squared residual of P0 (from the moments, clamped at 0)
     Ga: np.ndarray  # (K, D, D) mean x x' over the sampled parameters at the newest step
     scale: np.ndarray  # (K, F+1): s_rel (F-1), s_wc, s_y, to map P back to (A, b)
-    X: np.ndarray  # (K, r, D) a subset of the calibration rows, Y (K, r, m) their targets
-    Y: np.ndarray
-    mask: np.ndarray  # (K, r)
-    Xa: np.ndarray  # (K, ra, D) a subset of the sampled parameters' rows at the newest step
-    app_mask: np.ndarray  # (K, ra)
+    # the kappa rows (None where the fit does not refine, iters=0: nothing is measured on them)
+    X: np.ndarray | None  # (K, r, D) a subset of the calibration rows, Y (K, r, m) their targets
+    Y: np.ndarray | None
+    mask: np.ndarray | None  # (K, r)
+    Xa: np.ndarray | None  # (K, ra, D) a subset of the sampled parameters' rows at the newest step
+    app_mask: np.ndarray | None  # (K, ra)
 
     @staticmethod
     def cat(parts: list["Moments"]) -> "Moments":
@@ -160,10 +161,12 @@ class Moments:
                 out[k : k + t.shape[0], : t.shape[1]] = t
                 k += t.shape[0]
             return out
+        moments = [_cat([getattr(p, f) for p in parts], 0) for f in ("G", "P0", "mse0", "Ga", "scale")]
+        if parts[0].X is None:
+            return Moments(*moments, None, None, None, None, None)
         r, ra = max(p.X.shape[1] for p in parts), max(p.Xa.shape[1] for p in parts)
         return Moments(
-            *(_cat([getattr(p, f) for p in parts], 0) for f in ("G", "P0", "mse0", "Ga", "scale")),
-            pad([p.X for p in parts], r), pad([p.Y for p in parts], r), pad([p.mask for p in parts], r),
+            *moments, pad([p.X for p in parts], r), pad([p.Y for p in parts], r), pad([p.mask for p in parts], r),
             pad([p.Xa for p in parts], ra), pad([p.app_mask for p in parts], ra),
         )
 
@@ -171,6 +174,8 @@ class Moments:
         """These moments as numpy arrays on the CPU (float64; masks stay bool): what a GPU reduction
         hands to a process or task that has no GPU."""
         def f(t):
+            if t is None:
+                return t
             t = t.detach().cpu().numpy() if _is_tensor(t) else t
             return t if t.dtype == bool else t.astype(np.float64, copy=False)
         return Moments(*(f(getattr(self, k)) for k in self.__dataclass_fields__))
@@ -198,43 +203,55 @@ def reduce_values(W, mask, coefs, cut_weights=()) -> Moments:
     return reduce_many(W, mask, [(coefs, cut_weights)])[0]
 
 
-def reduce_many(W, mask, problems) -> list[Moments]:
+def reduce_many(W, mask, problems, kappa: bool = True) -> list[Moments]:
     """``reduce_values`` for several fitting problems on the same rows: ``problems`` is a list of
     (coefs, cut_weights), each coefs over all R rows of W (PairPlan.coefficients(rows)). V and its
     second moment, the one pass over the values, are shared. The reference row is W's last (any row
     gives the same moments: every feature weighs the rows with weights summing to one).
 
+    W: (K, R, P) zero-padded with ``mask`` (K, P) the real parameters, or (numpy, mask None) a list
+    of each chunk's (R, P_k) values, views of the rows as read (the CPU fit: no padded copy).
     V = [w - w_newest (R rows), w_newest, 1] is formed run by run of alike chunks (plan_fit sorts a
     batch by size) over their real columns only: a batch's padding (a bias of 10 values padded to a
     sample of 1024) costs nothing. From each run: its rows of S = mean V V' and its chunks' kappa
     subsets (every q-th parameter, q from the chunk's own size, so the subset does not depend on
-    how chunks are batched), zero-padded to the longest."""
-    K, R = W.shape[:2]
-    sizes = [int(n) for n in mask.sum(-1).tolist()]
+    how chunks are batched), zero-padded to the longest. ``kappa=False`` (a fit without refinement):
+    the subsets only the normalisers need, and Moments without kappa rows."""
+    ragged = isinstance(W, list)
+    K, R = len(W), W[0].shape[0] if ragged else W.shape[1]
+    sizes = [int(w.shape[1]) for w in W] if ragged else [int(n) for n in mask.sum(-1).tolist()]
+    like = np.zeros(0) if ragged else W  # the reduction's library, float dtype and device
     cuts = sorted({len(coefs[0]) for coefs, _ in problems})
-    # the subsets' strides: one over the parameters for the forecast's steps, one per cut count for the pairs
-    strides = {0: [max(1, -(-p // KAPPA_ROWS)) for p in sizes],
-               **{C: [max(1, -(-C * p // KAPPA_ROWS)) for p in sizes] for C in cuts}}
-    subsets = {c: _zeros(W, K, R + 2, max(1, max(-(-n // q) for n, q in zip(sizes, st)))) for c, st in strides.items()}
-    S = _zeros(W, K, R + 2, R + 2)
+    # the subsets' strides: one per cut count for the pairs, one over the parameters for the forecast's steps
+    strides = {C: [max(1, -(-C * p // KAPPA_ROWS)) for p in sizes] for C in cuts}
+    if kappa:
+        strides[0] = [max(1, -(-p // KAPPA_ROWS)) for p in sizes]
+    subsets = {c: _zeros(like, K, R + 2, max(1, max(-(-n // q) for n, q in zip(sizes, st)))) for c, st in strides.items()}
+    S = _zeros(like, K, R + 2, R + 2)
     k = 0
     for n, run in itertools.groupby(sizes):
         e = k + len(list(run))
-        V = _zeros(W, e - k, R + 2, n)
-        _lib(W).subtract(W[k:e, :, :n], W[k:e, -1:, :n], out=V[:, :R])  # small and exact: relative to the newest
-        V[:, R], V[:, R + 1] = W[k:e, -1, :n], 1.0
+        V = _zeros(like, e - k, R + 2, n)
+        if ragged:
+            for j in range(k, e):  # small and exact: relative to the newest
+                np.subtract(W[j], W[j][-1:], out=V[j - k, :R], dtype=V.dtype)  # float32 rows: exact in float64
+                V[j - k, R] = W[j][-1]
+        else:
+            _lib(W).subtract(W[k:e, :, :n], W[k:e, -1:, :n], out=V[:, :R])
+            V[:, R] = W[k:e, -1, :n]
+        V[:, R + 1] = 1.0
         S[k:e] = V @ V.swapaxes(-1, -2)
         for c, st in strides.items():
             q = st[k]
             subsets[c][k:e, :, : -(-n // q)] = V[:, :, ::q]
         k = e
     S /= _asarray([max(n, 1) for n in sizes], S)[:, None, None]  # (K, R+2, R+2)
-    return [_moments(S, subsets[len(coefs[0])], subsets[0], coefs, cut_weights) for coefs, cut_weights in problems]
+    return [_moments(S, subsets[len(coefs[0])], subsets.get(0), coefs, cut_weights) for coefs, cut_weights in problems]
 
 
 def _moments(S, Vs, Va, coefs, cut_weights) -> Moments:
     """One problem's Moments from the batch's S = mean V V' (K, R+2, R+2) and V's kappa subsets (K, R+2, .)
-    for the pairs (Vs) and for the forecast's steps (Va) (``reduce_many``)."""
+    for the pairs (Vs) and for the forecast's steps (Va; None: no kappa rows) (``reduce_many``)."""
     Fc, Tg, Ap = (_asarray(c, S) for c in coefs)
     C, F, R = Fc.shape
     m = Tg.shape[1]
@@ -273,11 +290,14 @@ def _moments(S, Vs, Va, coefs, cut_weights) -> Moments:
     mse0[mse0 < 0] = 0
     Ta = design(Ap[:-1] - Ap[-1:], Ap[-1])  # (K, D, R+2)
     Ga = Ta @ S @ Ta.swapaxes(-1, -2)
+    scale = _cat([s_rel, s_wc, s_y], -1)
+    if Va is None:
+        return Moments(G, P0, mse0, Ga, scale, None, None, None, None, None)
     XYs = (Z @ Vs[:, None]).swapaxes(-1, -2).reshape(K, -1, D + m)  # (K, C * Ps, D + m), cut-major
     Xs, Ys = XYs[..., :D], XYs[..., D:]
     ms = _lib(S).tile(in_s, (1, C))
     Xas = (Ta @ Va).swapaxes(-1, -2)
-    return Moments(G, P0, mse0, Ga, _cat([s_rel, s_wc, s_y], -1), Xs, Ys, ms, Xas, Va[:, -1] > 0)
+    return Moments(G, P0, mse0, Ga, scale, Xs, Ys, ms, Xas, Va[:, -1] > 0)
 
 
 def _kappa(z, mask, work=None) -> np.ndarray:

@@ -152,8 +152,20 @@ def reduce_keys(
     ``sampled``: ``read_sampled``'s result covering these keys and ``plan.rows``, when the caller read it.
     """
     rows = plan.rows
-    W, mask = _on_device(*sampled_values(store, keys, rows, config, sampled), device)
-    return reduce_many(W, mask, [(p.pairs.coefficients(rows), p.pairs.cut_weights) for p in plan.problems()])
+    W, mask = _reduction_rows(store, keys, rows, config, device, sampled)
+    problems = [(p.pairs.coefficients(rows), p.pairs.cut_weights) for p in plan.problems()]
+    return reduce_many(W, mask, problems, kappa=config.iters > 0)
+
+
+def _reduction_rows(store: RunStore, keys: list[tuple[str, int]], rows: list[int], config: FitConfig, device,
+                    sampled: Sampled | None = None):
+    """(W, mask) for ``reduce_many``: on the CPU, each chunk's columns of the sample array as read (views:
+    no padded copy); else (a GPU, or a store without the sample array) the padded rows, on the device."""
+    if sampled is None:
+        sampled = read_sampled(store, rows, config, keys)
+    if sampled is not None and on_cpu(device):
+        return _sampled_columns(store, keys, sampled, rows), None
+    return _on_device(*sampled_values(store, keys, rows, config, sampled), device)
 
 
 @dataclass
@@ -200,6 +212,16 @@ def _gather_sampled(store: RunStore, keys: list[tuple[str, int]], sampled: Sampl
         W[k, :, : b - a] = sampled.values[pick, a - sampled.start : b - sampled.start]
     mask = np.arange(W.shape[2])[None, :] < np.asarray(lens)[:, None]  # (K, P)
     return W, mask
+
+
+def _sampled_columns(store: RunStore, keys: list[tuple[str, int]], sampled: Sampled, rows: list[int]) -> list[np.ndarray]:
+    """Each chunk of ``keys``' sampled values at ``rows`` (R, P_k), as views of ``read_sampled``'s
+    columns where it read exactly these rows."""
+    at = {r: i for i, r in enumerate(sampled.rows)}
+    take = [at[r] for r in rows]
+    values = sampled.values if take == list(range(len(sampled.rows))) else sampled.values[take]
+    spans = (store.sample_layout.spans[k] for k in keys)
+    return [values[:, a - sampled.start : b - sampled.start] for a, b in spans]
 
 
 def _on_device(W: np.ndarray, mask: np.ndarray, device):

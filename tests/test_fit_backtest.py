@@ -239,7 +239,7 @@ def test_gpu_batches_are_sized_from_free_memory(monkeypatch):
 
 
 def test_the_gpus_float32_reduction_agrees_with_float64_on_the_cpu(adam_store, monkeypatch):
-    """A GPU reduces the rows in float32 tensors (pipelines.fit._on_device); no GPU runs in CI, so the same
+    """A GPU reduces the padded rows in float32 tensors (pipelines.fit._on_device); no GPU runs in CI, so the same
     float32 torch reduction runs here on the CPU against the float64 numpy one, with tests/test_gpu.py's criterion: each
     chunk's forecast within 5% of how far its weights moved over the run (measured: most chunks agree
     to 1e-4 of their forecast step; a chunk that the Adam loop refines can land elsewhere on the
@@ -254,7 +254,11 @@ def test_the_gpus_float32_reduction_agrees_with_float64_on_the_cpu(adam_store, m
     fits[torch.float64] = fit_store(store, n, 1.5, FitConfig(), "cpu")
     # as on a GPU: the rows reduced as float32 tensors, and the refinement's kappa rows kept as tensors
     # (on the CPU they would become numpy), so the torch branches run end to end
-    monkeypatch.setattr(F, "_on_device", lambda W, mask, device: (torch.from_numpy(W).float(), torch.from_numpy(mask)))
+    def as_on_a_gpu(store, keys, rows, config, device, sampled=None):
+        W, mask = F.sampled_values(store, keys, rows, config, sampled)  # padded, as a GPU gets them
+        return torch.from_numpy(W).float(), torch.from_numpy(mask)
+
+    monkeypatch.setattr(F, "_reduction_rows", as_on_a_gpu)
     monkeypatch.setattr(KappaRows, "of", classmethod(lambda cls, M: cls(M.X, M.Y, M.mask, M.Xa, M.app_mask)))
     fits[torch.float32] = fit_store(store, n, 1.5, FitConfig(), "cpu")
     f64, f32 = fits[torch.float64], fits[torch.float32]

@@ -425,6 +425,21 @@ def test_a_batch_of_mixed_chunks_in_any_order_reduces_as_each_chunk_alone():
         assert torch.allclose(M.Xa[k, :pa], alone.Xa[0], rtol=1e-9, atol=1e-12) and not M.Xa[k, pa:].any()
         assert int(M.mask[k].sum()) == int(alone.mask[0].sum()) and int(M.app_mask[k].sum()) == pa
         assert pa == -(-c.shape[1] // -(-c.shape[1] // KAPPA_ROWS))  # every q-th parameter
+    # the CPU fit's input: each chunk's columns as views of float32 rows (no padded copy), the same bits
+    # as the padded float64 batch of those float32 values; without kappa rows the same moments
+    rows32 = torch.cat(chunks, 1).float()
+    edges = np.cumsum([0] + sizes)
+    views = [rows32.numpy()[:, a:b] for a, b in zip(edges[:-1], edges[1:])]
+    padded64 = np.zeros((len(sizes), R, max(sizes)))
+    for k, v in enumerate(views):
+        padded64[k, :, : v.shape[1]] = v
+    (from_views,) = reduce_many(views, None, problems)
+    (from_padded,) = reduce_many(padded64, mask.numpy(), problems)
+    (bare,) = reduce_many(views, None, problems, kappa=False)
+    for name in ("G", "P0", "mse0", "Ga", "scale", "X", "Y", "mask", "Xa", "app_mask"):
+        assert np.array_equal(getattr(from_views, name), getattr(from_padded, name)), name
+        assert getattr(bare, name) is None if name in ("X", "Y", "mask", "Xa", "app_mask") else np.array_equal(
+            getattr(bare, name), getattr(from_views, name)), name
 
 
 
