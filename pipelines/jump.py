@@ -77,8 +77,10 @@ class JumpConfig:
     # training loss; with shrink="auto" digits SGD reached the plain loss at 1.05x instead of 1.88x.
     # No Adam refinement (the least-squares forecaster): over 4 seeds of digits SGD / Adam it reached
     # the plain loss in the same steps (mean 1.88x / 2.84x against 1.90x / 2.87x with 50 iterations),
-    # the GPT-2 runs likewise, and the 50 iterations were most of a digits jump's cost (3 of ~7 ms)
-    fit: FitConfig = field(default_factory=lambda: FitConfig(sample=1024, iters=0, shrink=1.0))
+    # the GPT-2 runs likewise, and the 50 iterations were most of a digits jump's cost (3 of ~7 ms).
+    # One horizon: without the refinement the intermediate horizons change nothing (each horizon's
+    # least squares is its own column), and their targets are rows the fit no longer reads
+    fit: FitConfig = field(default_factory=lambda: FitConfig(sample=1024, iters=0, horizons=1, shrink=1.0))
     memory_budget_mb: int = 64  # chunking of the history store
     # where the recorded weights live: "disk" (a local Zarr store: the history never has to fit in memory),
     # "memory" (numpy arrays: a record is a copy, ~1 ms per Zarr call saved), or "auto": memory for a model

@@ -340,3 +340,31 @@ def test_shrinkage_needs_enough_checkpoints_and_can_be_stated(tmp_path):
     assert (zero.A[:, -1] == 1).all()  # the forecast is w_n itself
     with pytest.raises(Exception, match="shrink must be"):
         FitConfig(shrink=1.5)
+
+
+def test_without_refinement_the_intermediate_horizons_change_nothing(adam_store):
+    """A least-squares fit (iters=0, as a jump fits) of one horizon forecasts what the same fit with four
+    does (each horizon's least squares is its own column), from fewer rows; the jump's config relies on it."""
+    from farcast.pipelines.fit import plan_fit
+    from farcast_core.calibration import feature_interps
+    from farcast_core.forecaster import forecast_rows
+
+    store = RunStore.open(adam_store)
+    n = len(store.steps)
+    one, four = (fit_store(store, n, 2.0, FitConfig(iters=0, horizons=h, shrink=1.0), "cpu") for h in (1, 4))
+    assert one.ratios == (2.0,) and len(four.ratios) == 4 and one.keys == four.keys
+    # the forecasts, against how far each chunk's weights moved over the run (the coefficients of an
+    # ill-conditioned chunk differ in the rounding of its other rows: up to 3e-8 of the largest here)
+    app = feature_interps(four.times, four.feature_ratios)
+    rows_app = sorted({r for it in app for r in (it.lo, it.hi)})
+    for k, (name, i) in enumerate(four.keys):
+        lo, hi = store.tensors[name].plan.bounds(i)
+        v = store.read(name, rows_app, lo, hi).astype(np.float64)
+        moved = np.abs(store.read(name, [n - 1], lo, hi)[0] - store.read(name, [0], lo, hi)[0]).mean() + 1e-12
+        gap = forecast_rows(one.A[k], one.b[k], app, rows_app, v) - forecast_rows(four.A[k], four.b[k], app, rows_app, v)
+        assert np.abs(gap).max() <= 1e-11 * moved, (name, i)  # 4e-14 measured
+    rows = {h: plan_fit(store, n, 2.0, FitConfig(iters=0, horizons=h, shrink=1.0)).rows for h in (1, 4)}
+    assert set(rows[1]) < set(rows[4])
+    # with the refinement the horizons are coupled by the regulariser: not the same
+    refined = {h: fit_store(store, n, 2.0, FitConfig(iters=60, horizons=h, shrink=1.0), "cpu") for h in (1, 4)}
+    assert not np.allclose(refined[1].A[..., -1], refined[4].A[..., -1], rtol=1e-6, atol=0)
