@@ -15,6 +15,7 @@ TrainerCallback), ``lightning_callback`` (a Lightning Callback) and ``TorchJumpe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -257,21 +258,23 @@ class Jumper:
         old = {n: p.detach().clone() for n, p in params.items()}
         if self.config.guard and loss_fn is not None:
             # the forecast, else a shorter step towards it (backtracking); the first whose loss is not higher
-            rec.loss_before = _eval(model, loss_fn)
-            for frac in self.config.backtrack:
-                _assign(params, {n: torch.lerp(old[n], new[n].to(old[n]), frac) for n in params})
-                rec.loss_after = _eval(model, loss_fn)
-                if rec.loss_after <= rec.loss_before:
-                    rec.fraction = frac
-                    break
-            else:
-                _assign(params, old)
-                rec.reason, rec.seconds = "the forecast's loss is higher", time.perf_counter() - t
-                return None
-            times = self.axis.times([global_step, target])  # a shorter step reaches an earlier step
-            target = self.axis.step_at(times[0] + rec.fraction * (times[1] - times[0]), global_step)
-            if self.config.advance_by == "verified":
-                target = self._verified(model, params, loss_fn, global_step, target, rec.loss_before, rec.loss_after)
+            with _evaluating(model):
+                rec.loss_before = float(loss_fn(model))
+                for frac in self.config.backtrack:
+                    _assign(params, {n: torch.lerp(old[n], new[n].to(old[n]), frac) for n in params})
+                    rec.loss_after = float(loss_fn(model))
+                    if rec.loss_after <= rec.loss_before:
+                        rec.fraction = frac
+                        break
+                else:
+                    _assign(params, old)
+                    rec.reason, rec.seconds = "the forecast's loss is higher", time.perf_counter() - t
+                    return None
+                times = self.axis.times([global_step, target])  # a shorter step reaches an earlier step
+                target = self.axis.step_at(times[0] + rec.fraction * (times[1] - times[0]), global_step)
+                if self.config.advance_by == "verified":
+                    target = self._verified(model, params, loss_fn, global_step, target, rec.loss_before,
+                                            rec.loss_after)
             rec.target = target
         else:
             _assign(params, new)
@@ -296,7 +299,7 @@ class Jumper:
         losses = []
         for r in rows:
             _assign(params, {n: from_storage(self.store.read(n, [r])[0], metas[n].dtype) for n in params})
-            losses.append(_eval(model, loss_fn))
+            losses.append(float(loss_fn(model)))  # (the caller evaluates: _evaluating)
         _assign(params, jumped)
         recorded = self.store.steps
         steps = [recorded[r] for r in rows] + [step]
@@ -336,12 +339,15 @@ def one_blas_thread():
     return _blas().limit(limits=1, user_api="blas")
 
 
-def _eval(model: torch.nn.Module, loss_fn) -> float:
+@contextlib.contextmanager
+def _evaluating(model: torch.nn.Module):
+    """The model in eval mode without gradients, for all of a guard's loss evaluations (switching modes
+    walks every module: once per guard, not per evaluation), restored after."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return float(loss_fn(model))
+            yield
     finally:
         model.train(was)
 

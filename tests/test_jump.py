@@ -166,6 +166,35 @@ def test_the_guard_rejects_a_worse_forecast_and_restores_the_weights(tmp_path):
     assert j.store.steps[-1] == 30  # nothing recorded
 
 
+@pytest.mark.parametrize("worse,advance_by", [(True, "target"), (False, "target"), (False, "verified")])
+def test_the_guard_evaluates_in_eval_mode_without_gradients_and_restores_training(tmp_path, worse, advance_by):
+    """Every loss the guard evaluates (before, after each backtracking step, the verified advance's
+    records) sees the model in eval mode (BatchNorm's running statistics) without gradients; the
+    model is back in training mode after the jump, taken or rejected."""
+    cfg = JumpConfig(every=10, record_every=5, backtrack=(1.0, 0.5), advance_by=advance_by)
+    j = Jumper(cfg, store_dir=tmp_path)
+    model = DigitsMLP(8)
+    with torch.no_grad():
+        for s in range(0, 31, 5):
+            for p in model.parameters():
+                p.add_(0.01)
+            j.record(s, j.params(model))
+    j.real_steps = 30
+    seen, state = [], {}
+
+    def guarded(m):
+        seen.append((m.training, torch.is_grad_enabled()))
+        w = m.net[0].weight.detach()
+        state.setdefault("ref", w.clone())
+        return float((w - state["ref"]).abs().sum()) * (1 if worse else -1)
+
+    model.train()
+    taken = j.try_jump(model, 30, guarded)
+    assert (taken is None) == worse and len(seen) >= 2 + (advance_by == "verified")
+    assert seen == [(False, False)] * len(seen)
+    assert model.training and all(m.training for m in model.modules())
+
+
 def test_optimizer_policies():
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.Adam([p], lr=0.1)
