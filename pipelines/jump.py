@@ -326,17 +326,30 @@ class Jumper:
 
 @functools.cache
 def _blas():
+    """The process's BLAS libraries (threadpoolctl's controllers of them): finding them takes 10-25 ms,
+    once per process."""
     from threadpoolctl import ThreadpoolController
 
-    return ThreadpoolController()  # 10-25 ms, once per process
+    return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
 
 
+@contextlib.contextmanager
 def one_blas_thread():
-    """numpy's BLAS on one thread while a jump fits (a context manager). The fit's products are small
-    (a chunk's rows x its sample), and in a training process BLAS's threads contend with torch's for
-    the cores: a digits jump's reduction took 6.8 ms with two BLAS threads on two cores, 3.6 ms with
-    one. The limit is process-wide (threadpoolctl; set and restored by the thread that jumps)."""
-    return _blas().limit(limits=1, user_api="blas")
+    """numpy's BLAS on one thread while a jump fits. The fit's products are small (a chunk's rows x its
+    sample), and in a training process BLAS's threads contend with torch's for the cores: a digits
+    jump's reduction took 6.8 ms with two BLAS threads on two cores, 3.6 ms with one. The limit is
+    process-wide, set and restored by the thread that jumps, through the libraries' controllers
+    directly: threadpoolctl's ``limit`` also queries every other thread pool (torch's OpenMP
+    included), 100-140 us a jump inside a training loop."""
+    libs = _blas()
+    before = [lib.num_threads for lib in libs]
+    for lib in libs:
+        lib.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for lib, n in zip(libs, before):
+            lib.set_num_threads(n)
 
 
 @contextlib.contextmanager
