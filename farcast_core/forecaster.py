@@ -75,6 +75,11 @@ def _zeros(like, *shape):
     return like.new_zeros(shape) if _is_tensor(like) else np.zeros(shape, like.dtype)
 
 
+def _empty(like, *shape):
+    """An uninitialised array of ``shape`` with like's library, dtype and device."""
+    return like.new_empty(shape) if _is_tensor(like) else np.empty(shape, like.dtype)
+
+
 def _asarray(values, like):
     """``values`` (numpy or nested lists) as an array of like's library, dtype and device."""
     if _is_tensor(like):
@@ -139,10 +144,11 @@ class Moments:
 
     G: np.ndarray  # (K, D, D) mean x x' over calibration rows
     P0: np.ndarray  # (K, D, m) least-squares coefficients
-    mse0: np.ndarray  # (K, m) mean squared residual of P0 (from the moments, clamped at 0)
-    Ga: np.ndarray  # (K, D, D) mean x x' over the sampled parameters at the newest step
+    mse0: np.ndarray | None  # (K, m) mean squared residual of P0 (from the moments, clamped at 0)
+    Ga: np.ndarray | None  # (K, D, D) mean x x' over the sampled parameters at the newest step
     scale: np.ndarray  # (K, F+1): s_rel (F-1), s_wc, s_y, to map P back to (A, b)
-    # the kappa rows (None where the fit does not refine, iters=0: nothing is measured on them)
+    # the kappa rows; these, mse0 and Ga are None where the fit does not refine (iters=0: only G, P0
+    # and scale are used)
     X: np.ndarray | None  # (K, r, D) a subset of the calibration rows, Y (K, r, m) their targets
     Y: np.ndarray | None
     mask: np.ndarray | None  # (K, r)
@@ -161,9 +167,10 @@ class Moments:
                 out[k : k + t.shape[0], : t.shape[1]] = t
                 k += t.shape[0]
             return out
-        moments = [_cat([getattr(p, f) for p in parts], 0) for f in ("G", "P0", "mse0", "Ga", "scale")]
         if parts[0].X is None:
-            return Moments(*moments, None, None, None, None, None)
+            G, P0, scale = (_cat([getattr(p, f) for p in parts], 0) for f in ("G", "P0", "scale"))
+            return Moments(G, P0, None, None, scale, None, None, None, None, None)
+        moments = [_cat([getattr(p, f) for p in parts], 0) for f in ("G", "P0", "mse0", "Ga", "scale")]
         r, ra = max(p.X.shape[1] for p in parts), max(p.Xa.shape[1] for p in parts)
         return Moments(
             *moments, pad([p.X for p in parts], r), pad([p.Y for p in parts], r), pad([p.mask for p in parts], r),
@@ -203,7 +210,7 @@ def reduce_values(W, mask, coefs, cut_weights=()) -> Moments:
     return reduce_many(W, mask, [(coefs, cut_weights)])[0]
 
 
-def reduce_many(W, mask, problems, kappa: bool = True) -> list[Moments]:
+def reduce_many(W, mask, problems, refine: bool = True) -> list[Moments]:
     """``reduce_values`` for several fitting problems on the same rows: ``problems`` is a list of
     (coefs, cut_weights), each coefs over all R rows of W (PairPlan.coefficients(rows)). V and its
     second moment, the one pass over the values, are shared. The reference row is W's last (any row
@@ -215,8 +222,8 @@ def reduce_many(W, mask, problems, kappa: bool = True) -> list[Moments]:
     batch by size) over their real columns only: a batch's padding (a bias of 10 values padded to a
     sample of 1024) costs nothing. From each run: its rows of S = mean V V' and its chunks' kappa
     subsets (every q-th parameter, q from the chunk's own size, so the subset does not depend on
-    how chunks are batched), zero-padded to the longest. ``kappa=False`` (a fit without refinement):
-    the subsets only the normalisers need, and Moments without kappa rows."""
+    how chunks are batched), zero-padded to the longest. ``refine=False`` (a fit without refinement):
+    the subsets only the normalisers need, and Moments with only what least squares uses."""
     ragged = isinstance(W, list)
     K, R = len(W), W[0].shape[0] if ragged else W.shape[1]
     sizes = [int(w.shape[1]) for w in W] if ragged else [int(n) for n in mask.sum(-1).tolist()]
@@ -224,14 +231,14 @@ def reduce_many(W, mask, problems, kappa: bool = True) -> list[Moments]:
     cuts = sorted({len(coefs[0]) for coefs, _ in problems})
     # the subsets' strides: one per cut count for the pairs, one over the parameters for the forecast's steps
     strides = {C: [max(1, -(-C * p // KAPPA_ROWS)) for p in sizes] for C in cuts}
-    if kappa:
+    if refine:
         strides[0] = [max(1, -(-p // KAPPA_ROWS)) for p in sizes]
     subsets = {c: _zeros(like, K, R + 2, max(1, max(-(-n // q) for n, q in zip(sizes, st)))) for c, st in strides.items()}
     S = _zeros(like, K, R + 2, R + 2)
     k = 0
     for n, run in itertools.groupby(sizes):
         e = k + len(list(run))
-        V = _zeros(like, e - k, R + 2, n)
+        V = _empty(like, e - k, R + 2, n)  # every entry is written below
         if ragged:
             for j in range(k, e):  # small and exact: relative to the newest
                 np.subtract(W[j], W[j][-1:], out=V[j - k, :R], dtype=V.dtype)  # float32 rows: exact in float64
@@ -251,7 +258,8 @@ def reduce_many(W, mask, problems, kappa: bool = True) -> list[Moments]:
 
 def _moments(S, Vs, Va, coefs, cut_weights) -> Moments:
     """One problem's Moments from the batch's S = mean V V' (K, R+2, R+2) and V's kappa subsets (K, R+2, .)
-    for the pairs (Vs) and for the forecast's steps (Va; None: no kappa rows) (``reduce_many``)."""
+    for the pairs (Vs) and for the forecast's steps (Va; None: no refinement, least squares only)
+    (``reduce_many``)."""
     Fc, Tg, Ap = (_asarray(c, S) for c in coefs)
     C, F, R = Fc.shape
     m = Tg.shape[1]
@@ -286,13 +294,13 @@ def _moments(S, Vs, Va, coefs, cut_weights) -> Moments:
     Mbar = per_cut.mean(1)  # (K, D+m, D+m)
     G, H, YY = Mbar[:, :D, :D], Mbar[:, :D, D:], Mbar[:, D:, D:]
     P0 = _lib(S).linalg.solve(G + _ridge(G, D), H)
+    scale = _cat([s_rel, s_wc, s_y], -1)
+    if Va is None:
+        return Moments(G, P0, None, None, scale, None, None, None, None, None)
     mse0 = ((G @ P0) * P0).sum(-2) - 2 * (H * P0).sum(-2) + YY.diagonal(0, -2, -1)
     mse0[mse0 < 0] = 0
     Ta = design(Ap[:-1] - Ap[-1:], Ap[-1])  # (K, D, R+2)
     Ga = Ta @ S @ Ta.swapaxes(-1, -2)
-    scale = _cat([s_rel, s_wc, s_y], -1)
-    if Va is None:
-        return Moments(G, P0, mse0, Ga, scale, None, None, None, None, None)
     XYs = (Z @ Vs[:, None]).swapaxes(-1, -2).reshape(K, -1, D + m)  # (K, C * Ps, D + m), cut-major
     Xs, Ys = XYs[..., :D], XYs[..., D:]
     ms = _lib(S).tile(in_s, (1, C))
@@ -497,13 +505,12 @@ def solve(M: Moments, ratios, config: FitConfig) -> BatchFit:
     whose start does not accelerate has a zero gradient: Adam would never move it, and it is its own
     best iterate. Only the other chunks enter the loop (the same iterates as a loop over all of them).
     """
-    cpu = {k: numpy64(getattr(M, k)) for k in ("G", "P0", "mse0", "Ga")}
-    P = cpu["P0"].copy()
-    r = numpy64(ratios)  # (m,) shared, or (K, m): each chunk's own horizons
-    t = np.concatenate([np.ones(r.shape[:-1] + (1,)), r], -1)  # ratio 1 is w_c
-    dt = t[..., 1:] - t[..., :-1]
-    best_loss = None  # iters=0: the least-squares forecasters, nothing measured
+    P, best_loss = numpy64(M.P0).copy(), None  # iters=0: the least-squares forecasters, nothing measured
     if config.iters:
+        cpu = {k: numpy64(getattr(M, k)) for k in ("G", "P0", "mse0", "Ga")}
+        r = numpy64(ratios)  # (m,) shared, or (K, m): each chunk's own horizons
+        t = np.concatenate([np.ones(r.shape[:-1] + (1,)), r], -1)  # ratio 1 is w_c
+        dt = t[..., 1:] - t[..., :-1]
         rows = KappaRows.of(M)
         kappa, kappa_a = rows.measure(P)
         best_loss, g = objective(P, cpu, kappa, kappa_a, dt, config.lam)

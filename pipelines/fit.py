@@ -154,7 +154,7 @@ def reduce_keys(
     rows = plan.rows
     W, mask = _reduction_rows(store, keys, rows, config, device, sampled)
     problems = [(p.pairs.coefficients(rows), p.pairs.cut_weights) for p in plan.problems()]
-    return reduce_many(W, mask, problems, kappa=config.iters > 0)
+    return reduce_many(W, mask, problems, refine=config.iters > 0)
 
 
 def _reduction_rows(store: RunStore, keys: list[tuple[str, int]], rows: list[int], config: FitConfig, device,
