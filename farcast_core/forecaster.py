@@ -546,18 +546,28 @@ def forecast_rows(A, b, interps, rows, values, dtype=None):
     what backtest, emit and jumps all compute.
 
     A (F, m), b (m,): the chunk's forecaster; ``interps``: how each feature is read from the rows
-    (``calibration.feature_interps``), or their ``interp_weights`` on ``rows`` when the caller computed
-    them once for many chunks; ``values`` (len(rows), P), numpy or a tensor: the chunk at
+    (``calibration.feature_interps``); ``values`` (len(rows), P), numpy or a tensor: the chunk at
     ``rows``. Each feature is a weighted sum of rows, so the forecast is one weighted sum of rows: the
-    weights are folded in float64, then applied in ``dtype`` (values' library; default float64;
-    float32 is exact enough for float32-and-narrower weights and twice as fast). Equals ``apply`` on
-    the interpolated features (tests/test_forecaster.py).
+    weights are folded in float64 (``row_weights``), then applied in ``dtype`` (``weighted_rows``).
+    Equals ``apply`` on the interpolated features (tests/test_forecaster.py).
     A batch of chunks at once: A (K, F, m), b (K, m), values (K, len(rows), P) -> (K, P).
     """
+    return weighted_rows(row_weights(A, interps, rows), b, values, dtype)
+
+
+def row_weights(A, interps, rows) -> np.ndarray:
+    """The target's forecast as weights on the stored ``rows`` (.., len(rows)), float64: the last
+    horizon's coefficients on the features folded with the features' interpolation weights. For a
+    batch of chunks, A (K, F, m): one product for all (emit computes it once per target)."""
     from farcast_core.calibration import interp_weights
 
-    iw = interps if isinstance(interps, np.ndarray) else interp_weights(interps, rows)
-    w = numpy64(A[..., -1]) @ iw  # (.., len(rows))
+    return numpy64(A[..., -1]) @ interp_weights(interps, rows)
+
+
+def weighted_rows(w, b, values, dtype=None):
+    """``values``' rows weighed by ``w`` (.., R) plus the last horizon of ``b``: the forecast, in ``dtype``
+    (values' library; default float64; float32 is exact enough for float32-and-narrower weights and
+    twice as fast)."""
     if not _is_tensor(values):
         dt = dtype or np.float64
         return (w.astype(dt)[..., None, :] @ values.astype(dt, copy=False))[..., 0, :] + numpy64(b[..., -1:]).astype(dt)

@@ -22,11 +22,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from farcast_core.calibration import feature_interps, interp_weights
+from farcast_core.calibration import feature_interps
 from farcast_core.dtypes import DTYPES, from_storage, nonfinite, to_storage, widen
 from farcast_core.errors import ForecastError
 from farcast_core.config import EmitConfig, FitConfig
-from farcast_core.forecaster import Forecasters, forecast_rows
+from farcast_core.forecaster import Forecasters, row_weights, weighted_rows
 from farcast.pipelines.backtest import backtest
 from farcast_core.schedules import NAMES as SCHEDULE_NAMES, multiplier
 from farcast_core.timeaxis import training_args_schedule
@@ -216,7 +216,7 @@ class TargetChunks:
         times = fc.times if fc.times is not None else store.steps
         self.app = feature_interps(np.array(times, dtype=np.float64), fc.feature_ratios)
         self.rows = sorted({r for it in self.app for r in (it.lo, it.hi)})
-        self.weights = interp_weights(self.app, self.rows)  # the features as weights on the rows, for every chunk
+        self.weights = row_weights(fc.A, self.app, self.rows)  # every chunk's forecast as weights on the rows
         self.last = len(store.steps) - 1
         self.row_of = fc.row()
         forecast = {name for name, _ in self.row_of}
@@ -243,13 +243,12 @@ class TargetChunks:
             return values
         # float32 arithmetic is exact enough for float32-and-narrower weights and twice as fast
         stored = self.store.read(m.name, self.rows, lo, hi)
+        w, b = self.weights[k], self.fc.b[k]  # forecast_rows, its weights folded once for every chunk
         if m.dtype in ("float32", "float64"):  # in numpy (a few microseconds per operation where torch's cost tens)
-            y = forecast_rows(self.fc.A[k], self.fc.b[k], self.weights, self.rows, stored, stored.dtype)
+            y = weighted_rows(w, b, stored, stored.dtype)
             finite = np.isfinite(y).all()
         else:  # narrower: torch rounds float32 to the stored dtype
-            v = widen(stored, m.dtype)
-            y = forecast_rows(self.fc.A[k], self.fc.b[k], self.weights, self.rows, v, torch.float32)
-            y = y.to(DTYPES[m.dtype].torch)
+            y = weighted_rows(w, b, widen(stored, m.dtype), torch.float32).to(DTYPES[m.dtype].torch)
             finite = torch.isfinite(y.to(torch.float64) if y.dtype.itemsize == 1 else y).all()
         if not finite:
             raise ForecastError(
