@@ -299,7 +299,7 @@ class Jumper:
         losses = []
         for r in rows:
             _assign(params, {n: from_storage(self.store.read(n, [r])[0], metas[n].dtype) for n in params})
-            losses.append(float(loss_fn(model)))  # (the caller evaluates: _evaluating)
+            losses.append(float(loss_fn(model)))  # in eval mode: try_jump calls this inside _evaluating
         _assign(params, jumped)
         recorded = self.store.steps
         steps = [recorded[r] for r in rows] + [step]
