@@ -140,8 +140,9 @@ def test_retime_needs_a_lambda_schedule():
         TorchJumper(model, opt, torch.optim.lr_scheduler.StepLR(opt, 10), None, JumpConfig(retime=True), total_steps=50)
 
 
-def test_the_guard_rejects_a_worse_forecast_and_restores_the_weights(tmp_path):
-    cfg = JumpConfig(every=10, record_every=5, backtrack=(1.0, 0.5))
+def _drifting(cfg: JumpConfig, tmp_path):
+    """(Jumper, model): a digits MLP whose weights drifted by 0.01 per record, recorded at steps 0..30,
+    its Jumper at real step 30 (a jump is due)."""
     j = Jumper(cfg, store_dir=tmp_path)
     model = DigitsMLP(8)
     with torch.no_grad():
@@ -149,8 +150,13 @@ def test_the_guard_rejects_a_worse_forecast_and_restores_the_weights(tmp_path):
             for p in model.parameters():
                 p.add_(0.01)
             j.record(s, j.params(model))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     j.real_steps = 30
+    return j, model
+
+
+def test_the_guard_rejects_a_worse_forecast_and_restores_the_weights(tmp_path):
+    j, model = _drifting(JumpConfig(every=10, record_every=5, backtrack=(1.0, 0.5)), tmp_path)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     state = {}
 
     def guarded(m):  # a guard loss only the pre-jump weights minimise: every jump is worse
@@ -171,15 +177,7 @@ def test_the_guard_evaluates_in_eval_mode_without_gradients_and_restores_trainin
     """Every loss the guard evaluates (before, after each backtracking step, the verified advance's
     records) sees the model in eval mode (BatchNorm's running statistics) without gradients; the
     model is back in training mode after the jump, taken or rejected."""
-    cfg = JumpConfig(every=10, record_every=5, backtrack=(1.0, 0.5), advance_by=advance_by)
-    j = Jumper(cfg, store_dir=tmp_path)
-    model = DigitsMLP(8)
-    with torch.no_grad():
-        for s in range(0, 31, 5):
-            for p in model.parameters():
-                p.add_(0.01)
-            j.record(s, j.params(model))
-    j.real_steps = 30
+    j, model = _drifting(JumpConfig(every=10, record_every=5, backtrack=(1.0, 0.5), advance_by=advance_by), tmp_path)
     seen, state = [], {}
 
     def guarded(m):
