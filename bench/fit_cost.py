@@ -115,8 +115,7 @@ def timed(key, f):
     return g
 F.plan_fit = timed("plan", F.plan_fit)
 F.read_sampled = timed("read", F.read_sampled)
-F._chunk_values = timed("read", F._chunk_values)
-F._gather_sampled = timed("read", F._gather_sampled)
+F._reduction_rows = timed("read", F._reduction_rows)  # the batch's rows from the sample array or the chunks
 F.reduce_many = timed("reduce", F.reduce_many)
 F.solve = timed("solve", F.solve)
 F.save_forecasters = timed("save", F.save_forecasters)

@@ -167,10 +167,10 @@ class Moments:
                 out[k : k + t.shape[0], : t.shape[1]] = t
                 k += t.shape[0]
             return out
+        moments = [None if getattr(parts[0], f) is None else _cat([getattr(p, f) for p in parts], 0)
+                   for f in ("G", "P0", "mse0", "Ga", "scale")]  # mse0, Ga: None without refinement
         if parts[0].X is None:
-            G, P0, scale = (_cat([getattr(p, f) for p in parts], 0) for f in ("G", "P0", "scale"))
-            return Moments(G, P0, None, None, scale, None, None, None, None, None)
-        moments = [_cat([getattr(p, f) for p in parts], 0) for f in ("G", "P0", "mse0", "Ga", "scale")]
+            return Moments(*moments, None, None, None, None, None)
         r, ra = max(p.X.shape[1] for p in parts), max(p.Xa.shape[1] for p in parts)
         return Moments(
             *moments, pad([p.X for p in parts], r), pad([p.Y for p in parts], r), pad([p.mask for p in parts], r),
@@ -515,10 +515,10 @@ def solve(M: Moments, ratios, config: FitConfig) -> BatchFit:
         kappa, kappa_a = rows.measure(P)
         best_loss, g = objective(P, cpu, kappa, kappa_a, dt, config.lam)
         moving = np.flatnonzero((g != 0).any((-2, -1)))  # the others are their own best iterate: P0
-    if config.iters and moving.size:
-        P[moving], best_loss[moving] = _refine(rows.take(moving), {k: v[moving] for k, v in cpu.items()}, P[moving],
-                                               (kappa[moving], kappa_a[moving]), dt[moving] if dt.ndim > 1 else dt,
-                                               config)
+        if moving.size:
+            P[moving], best_loss[moving] = _refine(rows.take(moving), {k: v[moving] for k, v in cpu.items()},
+                                                   P[moving], (kappa[moving], kappa_a[moving]),
+                                                   dt[moving] if dt.ndim > 1 else dt, config)
     sc = numpy64(M.scale)
     s_rel, s_wc, s_y = sc[..., :-2], sc[..., -2:-1], sc[..., -1:]
     Pw = P * s_y[..., None, :]  # residual per unit feature, in weight units

@@ -187,41 +187,28 @@ def sampled_values(store: RunStore, keys: list[tuple[str, int]], rows: list[int]
     if sampled is None:
         sampled = read_sampled(store, rows, config, keys)
     if sampled is not None:
-        return _gather_sampled(store, keys, sampled, rows)
-    metas = store.tensors
-    values = [_chunk_values(store, rows, metas[name], i, config) for name, i in keys]
-    W = np.zeros((len(values), len(rows), max(v.shape[1] for v in values)))
-    mask = np.zeros((W.shape[0], W.shape[2]), dtype=bool)
+        values = _sampled_columns(store, keys, sampled, rows)
+    else:
+        metas = store.tensors
+        values = [_chunk_values(store, rows, metas[name], i, config) for name, i in keys]
+    # copied straight into one array (no full-size temporaries: in a fresh process their first touch
+    # costs as much as the copy)
+    lens = [v.shape[1] for v in values]
+    W = np.zeros((len(values), len(rows), max(lens)), dtype=np.float64)
     for k, v in enumerate(values):
-        W[k, :, : v.shape[1]], mask[k, : v.shape[1]] = v, True
-    return W, mask
-
-
-def _gather_sampled(store: RunStore, keys: list[tuple[str, int]], sampled: Sampled, rows: list[int]):
-    """(W (K, R, P) float64, mask (K, P)) of ``keys`` at ``rows`` from ``read_sampled``'s columns: each
-    chunk's sampled values (a contiguous span of columns), zero-padded to the longest, copied straight
-    into one array (no full-size temporaries: in a fresh process their first touch costs as much as
-    the copy)."""
-    at = {r: i for i, r in enumerate(sampled.rows)}
-    take = [at[r] for r in rows]
-    pick = slice(None) if take == list(range(len(sampled.rows))) else take
-    spans = [store.sample_layout.spans[k] for k in keys]
-    lens = [b - a for a, b in spans]
-    W = np.zeros((len(keys), len(rows), max(lens)), dtype=np.float64)
-    for k, (a, b) in enumerate(spans):
-        W[k, :, : b - a] = sampled.values[pick, a - sampled.start : b - sampled.start]
+        W[k, :, : v.shape[1]] = v
     mask = np.arange(W.shape[2])[None, :] < np.asarray(lens)[:, None]  # (K, P)
     return W, mask
 
 
 def _sampled_columns(store: RunStore, keys: list[tuple[str, int]], sampled: Sampled, rows: list[int]) -> list[np.ndarray]:
-    """Each chunk of ``keys``' sampled values at ``rows`` (R, P_k), as views of ``read_sampled``'s
-    columns where it read exactly these rows."""
+    """Each chunk of ``keys``' sampled values at ``rows`` (R, P_k) from ``read_sampled``'s columns (a
+    contiguous span per chunk): views where it read exactly these rows, else each chunk's own copy."""
     at = {r: i for i, r in enumerate(sampled.rows)}
     take = [at[r] for r in rows]
-    values = sampled.values if take == list(range(len(sampled.rows))) else sampled.values[take]
+    pick = slice(None) if take == list(range(len(sampled.rows))) else take
     spans = (store.sample_layout.spans[k] for k in keys)
-    return [values[:, a - sampled.start : b - sampled.start] for a, b in spans]
+    return [sampled.values[pick, a - sampled.start : b - sampled.start] for a, b in spans]
 
 
 def _on_device(W: np.ndarray, mask: np.ndarray, device):
