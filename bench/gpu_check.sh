@@ -11,6 +11,10 @@
 # GPU_CHECK_DRY=1 runs everything but the CUDA half on a machine without one (to try the set-up).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -n "${OUT:-}" ] && [ -z "${GPU_CHECK_LOGGED:-}" ]; then  # the device tool's $OUT: the whole log comes back
+  GPU_CHECK_LOGGED=1 "$0" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+  exit "${PIPESTATUS[0]}"
+fi
 if [ -z "${PY:-}" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
