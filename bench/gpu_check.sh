@@ -19,8 +19,8 @@ if [ -z "${PY:-}" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 if [ -d .whl ] && ! "$PY" -c "import zarr, farcast.pipelines.fit" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --find-links .whl \
-    'zarr>=3.1.6,<3.2' 'numcodecs<0.17' donfig google-crc32c
+  # every package bench/gpu_wheels.sh fetched, by name: pip takes the wheel that fits this python
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --find-links .whl $(ls .whl | sed 's/-.*//' | sort -u)
   "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
 fi
 devices="cpu cuda"

@@ -442,8 +442,6 @@ def test_a_batch_of_mixed_chunks_in_any_order_reduces_as_each_chunk_alone():
             getattr(bare, name), getattr(from_views, name)), name
 
 
-
-
 def _interp_one(times, t):
     """interp_at as it was written for one time (the reference for the vectorised interp_many)."""
     from farcast_core.calibration import EPS, Interp
